@@ -1,0 +1,51 @@
+"""Checkpoints of the training state through an Orbax CheckpointManager, one step per epoch:
+the latest and the best on validation are kept. Orbax writes each one atomically (a step
+directory appears only once complete), in the background while training goes on."""
+
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+policies = ocp.checkpoint_managers
+
+
+def _flat(tree) -> dict:
+    # Orbax restores plain nested dicts more reliably than arbitrary pytree nodes (NNX modules
+    # among them), so a state is stored as {key path: array} and rebuilt from a template.
+    return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+class Checkpoints:
+    def __init__(self, directory: Path):
+        keep = policies.AnyPreservationPolicy(
+            [
+                policies.LatestN(n=1),
+                # BestN keeps the tail of the sorted order: reverse so the lowest value is last.
+                policies.BestN(get_metric_fn=lambda metrics: metrics["validation"], reverse=True, n=1),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(preservation_policy=keep)
+        self.directory = directory
+        self._manager = ocp.CheckpointManager(directory.absolute(), options=options)
+
+    def save(self, epoch: int, state, validation_metric: float) -> None:
+        self._manager.save(
+            epoch, args=ocp.args.StandardSave(_flat(state)), metrics={"validation": validation_metric}
+        )
+
+    def restore(self, epoch: int, like):
+        """The state saved at `epoch`, in the structure of `like` (a state or its eval_shape)."""
+        self._manager.wait_until_finished()
+        template = _flat(like)
+        restored = self._manager.restore(epoch, args=ocp.args.StandardRestore(template))
+        return jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(like), [restored[key] for key in template]
+        )
+
+    def latest_epoch(self) -> int | None:
+        return self._manager.latest_step()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

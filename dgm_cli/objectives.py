@@ -1,0 +1,50 @@
+"""Small pure functions for the objectives and estimators every model family shares.
+
+All log-densities are in nats and summed over the data or latent dimension (the last axis).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+@jax.custom_jvp
+def softplus(x):
+    """log(1 + eˣ) = max(x, 0) + log(1 + e^−|x|): stable for any x, and on CPU several times
+    faster than `jax.nn.softplus`, which matters because every pixel of every sample takes one."""
+    return jnp.maximum(x, 0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+softplus.defjvps(lambda tangent, _, x: tangent * jax.nn.sigmoid(x))  # exact at x = 0 too
+
+
+def bernoulli_log_likelihood(x, logits):
+    """log Bern(x | σ(l)) = Σ_d x_d l_d − log(1 + exp(l_d)), stable for any logit.  [...]"""
+    return jnp.sum(x * logits - softplus(logits), axis=-1)
+
+
+def gaussian_log_density(z, mean, log_var):
+    """log N(z | μ, diag σ²) = −½ Σ_j [log 2π + log σ_j² + (z_j − μ_j)² / σ_j²].  [...]"""
+    return -0.5 * jnp.sum(LOG_2PI + log_var + jnp.square(z - mean) * jnp.exp(-log_var), axis=-1)
+
+
+def standard_normal_log_density(z):
+    """log N(z | 0, I) = −½ Σ_j [log 2π + z_j²].  [...]"""
+    return -0.5 * jnp.sum(LOG_2PI + jnp.square(z), axis=-1)
+
+
+def gaussian_kl(mean, log_var):
+    """KL(N(μ, diag σ²) ‖ N(0, I)) = ½ Σ_j [μ_j² + σ_j² − log σ_j² − 1].  [...]"""
+    return 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(log_var) - log_var - 1.0, axis=-1)
+
+
+def log_mean_exp(log_weights, axis=0):
+    """log (1/k) Σ_i exp(w_i) over `axis`, the importance-sampled estimate of log p(x) when
+    w_i = log p(x, z_i) − log q(z_i | x) with z_i ~ q. For k > 1 it is also the IWAE bound
+    (Burda et al. 2016), which tightens towards log p(x) as k grows."""
+    k = log_weights.shape[axis]
+    return jax.nn.logsumexp(log_weights, axis=axis) - math.log(k)
+
