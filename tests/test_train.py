@@ -1,0 +1,102 @@
+"""Short real training runs through `train.run`, in a temporary run directory."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dgm_cli import train
+from dgm_cli.errors import DgmError
+from tests.conftest import QUICK
+
+SUMMARY_KEYS = {"test_nll", "test_nll_samples", "test_neg_elbo", "best_epoch", "epochs",
+                "train_examples_per_sec", "wall_seconds"}
+
+
+def test_two_epochs_on_digits_fill_the_run_directory(make_config, tmp_path):
+    summary = train.run(make_config("dataset=digits", *QUICK), tmp_path)
+
+    assert SUMMARY_KEYS <= set(summary) and summary["epochs"] == 2
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert 10 < summary["test_nll"] < summary["test_neg_elbo"] < 60  # 64 binary pixels: < 44 nats
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["split"]) for r in records] == [
+        (1, "train"), (1, "validation"), (2, "train"), (2, "validation"), (summary["best_epoch"], "test")
+    ]
+    assert {"loss", "neg_elbo", "recon", "kl", "examples_per_sec"} <= set(records[0])
+    assert records[0]["step"] == 1197 // 128
+    kept = {p.name for p in (tmp_path / "checkpoints").iterdir()}
+    assert kept == {"2", str(summary["best_epoch"])}  # the latest and the best
+    assert any((tmp_path / "tensorboard").iterdir())
+    for name in ("samples.png", "reconstructions.png"):
+        picture = np.asarray(Image.open(tmp_path / "samples" / name))
+        assert picture.shape[1] >= 256 and picture.std() > 0
+
+
+def test_training_lowers_the_loss_and_the_iwae_bound_is_tighter(make_config, tmp_path):
+    overrides = ["dataset=digits", "trainer.progress=false", "trainer.epochs=8", "eval.num_samples=200"]
+    elbo = train.run(make_config(*overrides), tmp_path / "elbo")
+    iwae = train.run(make_config(*overrides, "model.num_samples=5"), tmp_path / "iwae")
+    records = [json.loads(line) for line in (tmp_path / "elbo" / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in records if r["split"] == "train"]
+    assert train_losses[-1] < train_losses[0] - 5
+    # The IWAE objective is a tighter bound than the ELBO on the same data.
+    iwae_records = [json.loads(line) for line in (tmp_path / "iwae" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in iwae_records if r["split"] == "train"][-1]
+    assert last["loss"] < last["neg_elbo"]
+    assert iwae["test_nll"] < elbo["test_neg_elbo"]
+
+
+def metric_values(run_dir):
+    timing = {"examples_per_sec", "seconds"}
+    return [{k: v for k, v in json.loads(line).items() if k not in timing}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(make_config, tmp_path):
+    first = train.run(make_config("dataset=bars", *QUICK), tmp_path / "a")
+    again = train.run(make_config("dataset=bars", *QUICK), tmp_path / "b")
+    other = train.run(make_config("dataset=bars", *QUICK, "seed=1"), tmp_path / "c")
+    assert metric_values(tmp_path / "a") == metric_values(tmp_path / "b")
+    assert first["test_nll"] == again["test_nll"] != other["test_nll"]
+    assert first["true_test_nll"] == other["true_test_nll"]  # the data seed is the data set's own
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "rmsprop"])
+@pytest.mark.parametrize("schedule", ["cosine", "exponential"])
+def test_every_optimizer_and_schedule_trains(make_config, tmp_path, optimizer, schedule):
+    summary = train.run(make_config("dataset=digits", f"optimizer={optimizer}", f"schedule={schedule}", *QUICK), tmp_path)
+    assert np.isfinite(summary["test_nll"])
+
+
+def test_divergence_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(make_config, tmp_path):
+    # The learning rate grows a thousand-fold each epoch: epoch 1 survives, epoch 2 blows up.
+    overrides = ["dataset=digits", "optimizer=sgd", "optimizer.lr=1e-3", "schedule=exponential",
+                 "schedule.decay_rate=1e3", "schedule.decay_epochs=1", "trainer.epochs=5", "trainer.progress=false"]
+    with pytest.raises(DgmError, match=r"diverged: .* at epoch 2, step 1\d; the last good checkpoint \(epoch 1\)"):
+        train.run(make_config(*overrides), tmp_path)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["1"]
+    assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("trainer.epochs=0", "trainer.epochs must be a positive integer, got 0"),
+        ("trainer.batch_size=-4", "trainer.batch_size must be a positive integer"),
+        ("trainer.batch_size=5000", "exceeds the 1197 training examples"),
+        ("eval.num_samples=0", "eval.num_samples must be a positive integer"),
+        ("model.latent_dim=0", "model.latent_dim must be a positive integer"),
+        ("model.hidden=[400,0]", "every entry of model.hidden must be a positive integer"),
+        ("model.hidden=400", "model.hidden must be a list of positive integers"),
+        ("model.num_samples=0", "model.num_samples must be a positive integer"),
+        ("model.activation=swish3", "unknown model.activation 'swish3'; choose from: elu, gelu"),
+        ("optimizer.lr=-1", "optimizer.lr must be a positive number"),
+        ("+optimizer.foo=1", "optimizer adam: .*foo"),
+    ],
+)
+def test_bad_settings_are_refused_before_training(make_config, tmp_path, override, message):
+    with pytest.raises(DgmError, match=message):
+        train.run(make_config("dataset=digits", *QUICK, override), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
