@@ -7,6 +7,8 @@ Every loader returns a `Data`; the runner puts its arrays on the device once.
 import logging
 import math
 import os
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +95,7 @@ def load_tfds(config) -> Data:
     if not builder.is_prepared():
         log.info("%s is not in %s: downloading and preparing it", config.tfds_name, builder.data_dir)
         try:
+            _check_reachable(builder)
             builder.download_and_prepare()
         except Exception as error:  # no network, no TensorFlow, a full disk: all end here
             raise DgmError(
@@ -106,6 +109,18 @@ def load_tfds(config) -> Data:
         images = np.stack([record[config.image_key] for record in builder.as_data_source(split=split)])
         splits[split] = images.reshape(len(images), -1)  # [N, H, W, 1] -> [N, D]
     return _make_data(splits, source, image_shape=images.shape[1:3])
+
+
+def _check_reachable(builder, timeout: float = 5.0) -> None:
+    """Fail at once when the download hosts cannot be reached: offline, TFDS would retry each
+    file with back-off for minutes before giving up."""
+    for url in builder.url_infos or ():
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout).close()
+        except OSError as error:
+            raise ConnectionError(f"cannot reach {parts.hostname}: {error}") from None
 
 
 def _first_line(error: Exception) -> str:
