@@ -29,3 +29,17 @@ def save_grid(path: Path, images, image_shape: tuple[int, int], columns: int = 8
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path)
+
+
+def save_pairs(path: Path, originals, reconstructions, image_shape: tuple[int, int], columns: int = 8) -> None:
+    """A grid in which each row of originals is followed by the row of their reconstructions."""
+    originals, reconstructions = np.asarray(originals), np.asarray(reconstructions)
+    rows = len(originals) // columns
+    if rows == 0:  # fewer images than one row: one row of each
+        columns, rows = len(originals), 1
+    dim = originals.shape[1]
+    pairs = np.stack(
+        [originals[: rows * columns].reshape(rows, columns, dim),
+         reconstructions[: rows * columns].reshape(rows, columns, dim)], axis=1
+    )  # [rows, 2, columns, D]
+    save_grid(path, pairs.reshape(-1, dim), image_shape, columns)

@@ -9,8 +9,9 @@ import logging
 import math
 import statistics
 import time
-from functools import partial
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -109,119 +110,154 @@ def test_log_likelihood(log_likelihood, batch_size: int, state, data, key, progr
     return np.concatenate(results)[: data.shape[0]]
 
 
-def _first_non_finite(losses, epoch: int, steps_per_epoch: int) -> None:
+def _check_finite(losses, epoch: int, steps_per_epoch: int, checkpoints: Checkpoints) -> None:
+    """Stop at a NaN or infinite loss, naming its epoch and step and the checkpoint kept."""
     bad = np.flatnonzero(~np.isfinite(losses))
     if bad.size:
         step = (epoch - 1) * steps_per_epoch + int(bad[0]) + 1
-        return step, float(losses[bad[0]])
-    return None
+        last = checkpoints.latest_epoch()
+        kept = f"the last good checkpoint (epoch {last}) is in" if last else "no checkpoint was saved in"
+        raise DgmError(
+            f"training diverged: the loss became {losses[bad[0]]} at epoch {epoch}, step {step}; "
+            f"{kept} {checkpoints.directory} (try a lower optimizer.lr)"
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The trainer and eval settings of a config, checked."""
+
+    epochs: int
+    batch_size: int
+    progress: bool
+    num_pictures: int
+    num_samples: int
+    eval_batch_size: int
+    sample_batch: int
+
+    @classmethod
+    def from_config(cls, cfg) -> "Settings":
+        return cls(
+            epochs=positive_int(cfg.trainer.epochs, "trainer.epochs"),
+            batch_size=positive_int(cfg.trainer.batch_size, "trainer.batch_size"),
+            progress=bool(cfg.trainer.progress),
+            num_pictures=positive_int(cfg.trainer.num_pictures, "trainer.num_pictures"),
+            num_samples=positive_int(cfg.eval.num_samples, "eval.num_samples"),
+            eval_batch_size=positive_int(cfg.eval.batch_size, "eval.batch_size"),
+            sample_batch=positive_int(cfg.eval.sample_batch, "eval.sample_batch"),
+        )
+
+
+@dataclass
+class History:
+    best_epoch: int | None = None
+    best_value: float = math.inf
+    examples_per_sec: list[float] = field(default_factory=list)
+
+
+def train_epochs(model, state, splits, keys, settings, checkpoints, metrics_log):
+    """Every epoch: train (one jitted scan), validate, checkpoint, log. -> (state, History)."""
+    train_data, validation_data = splits["train"], splits["validation"]
+    steps_per_epoch = train_data.shape[0] // settings.batch_size
+    train_epoch = make_train_epoch(model, settings.batch_size)
+    evaluate = make_evaluate(model, settings.eval_batch_size)
+    history = History()
+    bar = tqdm(range(1, settings.epochs + 1), desc="epochs", disable=None if settings.progress else True)
+    for epoch in bar:
+        started = time.perf_counter()
+        state, step_metrics = train_epoch(state, train_data, jax.random.fold_in(keys.train, epoch))
+        step_metrics = jax.device_get(step_metrics)  # the epoch's one host transfer
+        seconds = time.perf_counter() - started
+        _check_finite(step_metrics["loss"], epoch, steps_per_epoch, checkpoints)
+        rate = steps_per_epoch * settings.batch_size / seconds
+        history.examples_per_sec.append(rate)
+        step = epoch * steps_per_epoch
+        train = {name: float(np.mean(values)) for name, values in step_metrics.items()}
+        metrics_log.write("train", epoch, step, {**train, "examples_per_sec": rate, "seconds": seconds})
+        validation = evaluate(state, validation_data, jax.random.fold_in(keys.validation, epoch))
+        validation = {name: float(value) for name, value in validation.items()}
+        metrics_log.write("validation", epoch, step, validation)
+
+        value = validation[model.selection_metric]
+        checkpoints.save(epoch, state, value)
+        if value < history.best_value:
+            history.best_epoch, history.best_value = epoch, value
+        bar.set_postfix(loss=f"{train['loss']:.2f}", validation=f"{value:.2f}", best=history.best_epoch)
+        log.info("epoch %d/%d: train loss %.3f, validation %s %.3f, %.0f examples/s",
+                 epoch, settings.epochs, train["loss"], model.selection_metric, value, rate)
+    if history.best_epoch is None:
+        raise DgmError(f"validation {model.selection_metric} was never finite; nothing to evaluate")
+    return state, history
+
+
+def evaluate_test(model, state, test_data, key, settings) -> dict[str, float]:
+    """Test log-likelihood (importance sampled unless exact) and the other test metrics."""
+    log_likelihood, examples_per_call = make_log_likelihood(model, settings.num_samples, settings.sample_batch)
+    log_p = test_log_likelihood(log_likelihood, examples_per_call, state, test_data, key, settings.progress)
+    others = make_evaluate(model, settings.eval_batch_size)(state, test_data, key)
+    return {"nll": -float(np.mean(log_p)), **{name: float(value) for name, value in others.items()}}
+
+
+def save_pictures(model, state, test_images, image_shape, key, count: int, run_dir: Path) -> None:
+    samples_key, reconstruction_key = jax.random.split(key)
+    samples = model.sample(state, samples_key, count)
+    pictures.save_grid(run_dir / "samples" / "samples.png", samples, image_shape)
+    originals = test_images[: count // 2]
+    reconstructions = model.reconstruct(state, jnp.asarray(originals, jnp.float32), reconstruction_key)
+    pictures.save_pairs(run_dir / "samples" / "reconstructions.png", originals, reconstructions, image_shape)
+
+
+class Keys(NamedTuple):
+    init: jax.Array
+    train: jax.Array
+    validation: jax.Array
+    test: jax.Array
+    pictures: jax.Array
 
 
 def run(cfg, run_dir: Path) -> dict:
     """Train `cfg.model` on `cfg.dataset`, evaluate the best epoch on the test set, and write
-    metrics, checkpoints, pictures and `summary.json` into `run_dir`."""
+    metrics, checkpoints, pictures and, last, `summary.json` into `run_dir`."""
     started = time.perf_counter()
-    epochs = positive_int(cfg.trainer.epochs, "trainer.epochs")
-    batch_size = positive_int(cfg.trainer.batch_size, "trainer.batch_size")
-    num_samples = positive_int(cfg.eval.num_samples, "eval.num_samples")
-    eval_batch_size = positive_int(cfg.eval.batch_size, "eval.batch_size")
-    sample_batch = positive_int(cfg.eval.sample_batch, "eval.sample_batch")
-    num_pictures = positive_int(cfg.trainer.num_pictures, "trainer.num_pictures")
-
+    settings = Settings.from_config(cfg)
     data = data_lib.load(cfg.dataset)
-    if batch_size > len(data.train):
-        raise DgmError(f"trainer.batch_size {batch_size} exceeds the {len(data.train)} training examples")
-    steps_per_epoch = len(data.train) // batch_size
-    make_optimizer = optim.optimizer_factory(cfg.optimizer, cfg.schedule, epochs, steps_per_epoch)
+    if settings.batch_size > len(data.train):
+        raise DgmError(f"trainer.batch_size {settings.batch_size} exceeds the {len(data.train)} training examples")
+    steps_per_epoch = len(data.train) // settings.batch_size
+    make_optimizer = optim.optimizer_factory(cfg.optimizer, cfg.schedule, settings.epochs, steps_per_epoch)
     model = models.build(cfg.model, data.dim, make_optimizer)
-    log.info(
-        "%s on %s: %d train / %d validation / %d test examples of %d pixels, %d steps per epoch",
-        cfg.model.name, cfg.dataset.name, len(data.train), len(data.validation), len(data.test),
-        data.dim, steps_per_epoch,
-    )
+    log.info("%s on %s: %d train / %d validation / %d test examples of %d pixels, %d steps per epoch",
+             cfg.model.name, cfg.dataset.name, len(data.train), len(data.validation), len(data.test),
+             data.dim, steps_per_epoch)
 
-    init_key, train_key, validation_key, test_key, picture_key = jax.random.split(
-        jax.random.key(cfg.seed), 5
-    )
-    state = model.init(init_key)
-    train_data, validation_data, test_data = jax.device_put((data.train, data.validation, data.test))
-    train_epoch = make_train_epoch(model, batch_size)
-    evaluate = make_evaluate(model, eval_batch_size)
-    checkpoints = Checkpoints(run_dir / "checkpoints")
-    examples_per_sec, best_epoch, best_value = [], None, math.inf
-    with MetricsLog(run_dir) as metrics_log, logging_redirect_tqdm():
-        try:
-            bar = tqdm(range(1, epochs + 1), desc="epochs", disable=None if cfg.trainer.progress else True)
-            for epoch in bar:
-                epoch_started = time.perf_counter()
-                state, step_metrics = train_epoch(state, train_data, jax.random.fold_in(train_key, epoch))
-                step_metrics = jax.device_get(step_metrics)  # the epoch's one host transfer
-                seconds = time.perf_counter() - epoch_started
-                step = epoch * steps_per_epoch
-                diverged = _first_non_finite(step_metrics["loss"], epoch, steps_per_epoch)
-                if diverged:
-                    last = checkpoints.latest_epoch()
-                    kept = f"the last good checkpoint (epoch {last}) is in" if last else "no checkpoint was saved in"
-                    raise DgmError(
-                        f"training diverged: the loss became {diverged[1]} at epoch {epoch}, step "
-                        f"{diverged[0]}; {kept} {checkpoints.directory} (try a lower optimizer.lr)"
-                    )
-                rate = steps_per_epoch * batch_size / seconds
-                examples_per_sec.append(rate)
-                train = {name: float(np.mean(values)) for name, values in step_metrics.items()}
-                metrics_log.write("train", epoch, step, {**train, "examples_per_sec": rate, "seconds": seconds})
-                validation = jax.device_get(evaluate(state, validation_data, jax.random.fold_in(validation_key, epoch)))
-                validation = {name: float(value) for name, value in validation.items()}
-                metrics_log.write("validation", epoch, step, validation)
-                value = validation[model.selection_metric]
-                checkpoints.save(epoch, state, value)
-                if value < best_value:
-                    best_epoch, best_value = epoch, value
-                bar.set_postfix(loss=f"{train['loss']:.2f}", validation=f"{value:.2f}", best=best_epoch)
-                log.info(
-                    "epoch %d/%d: train loss %.3f, validation %s %.3f, %.0f examples/s",
-                    epoch, epochs, train["loss"], model.selection_metric, value, rate,
-                )
-
-            if best_epoch is None:
-                raise DgmError(f"validation {model.selection_metric} was never finite; nothing to evaluate")
-            state = checkpoints.restore(best_epoch, like=state)
-            log.info("evaluating epoch %d on the test set with %d importance samples", best_epoch, num_samples)
-            log_likelihood, examples_per_call = make_log_likelihood(model, num_samples, sample_batch)
-            test_log_p = test_log_likelihood(
-                log_likelihood, examples_per_call, state, test_data, test_key, cfg.trainer.progress
-            )
-            test = {name: float(value) for name, value in jax.device_get(evaluate(state, test_data, test_key)).items()}
-            test = {"nll": -float(np.mean(test_log_p)), **test}
-            metrics_log.write("test", best_epoch, best_epoch * steps_per_epoch, test)
-        finally:
-            checkpoints.close()
-
-    samples_key, reconstruction_key = jax.random.split(picture_key)
-    pictures.save_grid(run_dir / "samples" / "samples.png", model.sample(state, samples_key, num_pictures), data.image_shape)
-    originals = data.test[: num_pictures // 2]
-    reconstructions = np.asarray(model.reconstruct(state, jnp.asarray(originals, jnp.float32), reconstruction_key))
-    # Each row of originals is followed by the row of their reconstructions.
-    columns = 8
-    pairs = np.concatenate([originals.reshape(-1, columns, data.dim), reconstructions.reshape(-1, columns, data.dim)], axis=1)
-    pictures.save_grid(run_dir / "samples" / "reconstructions.png", pairs.reshape(-1, data.dim), data.image_shape, columns)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    keys = Keys(*jax.random.split(jax.random.key(cfg.seed), len(Keys._fields)))
+    state = model.init(keys.init)
+    splits = jax.device_put({"train": data.train, "validation": data.validation, "test": data.test})
+    with MetricsLog(run_dir) as metrics_log, Checkpoints(run_dir / "checkpoints") as checkpoints, \
+            logging_redirect_tqdm():
+        state, history = train_epochs(model, state, splits, keys, settings, checkpoints, metrics_log)
+        state = checkpoints.restore(history.best_epoch, like=state)
+        log.info("testing epoch %d with %d importance samples per example", history.best_epoch, settings.num_samples)
+        test = evaluate_test(model, state, splits["test"], keys.test, settings)
+        metrics_log.write("test", history.best_epoch, history.best_epoch * steps_per_epoch, test)
+    save_pictures(model, state, data.test, data.image_shape, keys.pictures, settings.num_pictures, run_dir)
 
     summary = {
         "model": cfg.model.name,
         "dataset": cfg.dataset.name,
         "test_nll": test["nll"],
-        "test_nll_samples": 0 if model.exact_likelihood else num_samples,
+        "test_nll_samples": 0 if model.exact_likelihood else settings.num_samples,
         "test_neg_elbo": test["neg_elbo"],
-        "best_epoch": best_epoch,
-        f"best_validation_{model.selection_metric}": best_value,
-        "epochs": epochs,
-        "train_examples_per_sec": statistics.median(examples_per_sec[1:] or examples_per_sec),
+        "best_epoch": history.best_epoch,
+        f"best_validation_{model.selection_metric}": history.best_value,
+        "epochs": settings.epochs,
+        "train_examples_per_sec": statistics.median(history.examples_per_sec[1:] or history.examples_per_sec),
         "wall_seconds": time.perf_counter() - started,
-        "num_parameters": sum(leaf.size for leaf in jax.tree_util.tree_leaves(state)),
     }
     if data.true_test_nll is not None:
         summary["true_test_nll"] = data.true_test_nll
     write_json_atomically(run_dir / "summary.json", summary)
-    log.info("test NLL %.2f nats (%d samples), test neg-ELBO %.2f, best epoch %d; run in %s",
-             summary["test_nll"], num_samples, summary["test_neg_elbo"], best_epoch, run_dir)
+    log.info("test NLL %.2f nats, test neg-ELBO %.2f, best epoch %d; run directory %s",
+             test["nll"], test["neg_elbo"], history.best_epoch, run_dir)
     return summary
