@@ -43,7 +43,7 @@ class VAE:
     """The `dgm_cli.models.Model` contract for the VAE."""
 
     exact_likelihood = False
-    selection_metric = "neg_elbo"
+    selection_metric = "loss"  # the training bound, on validation data: the ELBO, or IWAE's for k > 1
 
     def __init__(self, config, data_dim: int, make_optimizer):
         self.data_dim = data_dim
@@ -81,20 +81,23 @@ class VAE:
         bound = -(recon + kl) if k == 1 else objectives.log_mean_exp(log_weights)
         return bound, recon, kl
 
+    def _metrics(self, networks, x, key):
+        """Per-example loss (the negated training bound), neg-ELBO, −E log p(x|z) and KL."""
+        bound, recon, kl = self._bounds(networks, x, key, self.num_samples)
+        return {"loss": -bound, "neg_elbo": recon + kl, "recon": recon, "kl": kl}
+
     def train_step(self, state: State, x, key):
         def loss_fn(networks):
-            bound, recon, kl = self._bounds(networks, x, key, self.num_samples)
-            metrics = {"neg_elbo": jnp.mean(recon + kl), "recon": jnp.mean(recon), "kl": jnp.mean(kl)}
-            return -jnp.mean(bound), metrics
+            metrics = jax.tree.map(jnp.mean, self._metrics(networks, x, key))
+            return metrics["loss"], metrics
 
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.nets)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.nets)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.nets)
         networks = optax.apply_updates(state.nets, updates)
-        return State(networks, opt_state), {"loss": loss, **metrics}
+        return State(networks, opt_state), metrics
 
     def evaluate(self, state: State, x, key):
-        _, recon, kl = self._bounds(state.nets, x, key, 1)
-        return {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
+        return self._metrics(state.nets, x, key)
 
     def log_likelihood(self, state: State, x, key, num_samples: int):
         log_weights, _, _ = self._log_weights(state.nets, x, key, num_samples)
