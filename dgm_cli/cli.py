@@ -4,6 +4,7 @@ Hydra has no subcommands, so `dgm train ...` hands everything after `train` to t
 unchanged: overrides, `-m`, `--cfg job`, `--help`, `--info`, `--config-path`, `--config-name`.
 """
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -24,6 +25,8 @@ def train(cfg) -> dict:
     from dgm_cli import train as training  # heavy imports (JAX, TFDS) only once a job runs
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    for noisy in ("absl", "jax"):  # Orbax (through absl) reports every file it writes at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return training.run(cfg, run_dir)
     except (DgmError, OmegaConfBaseException) as error:  # the latter: a bad ${...} in the config
@@ -105,4 +108,5 @@ def main(argv: list[str] | None = None) -> None:
             raise
         sys.exit(f"dgm: error: {_one_line(error)}")
     except KeyboardInterrupt:
-        sys.exit("dgm: interrupted")
+        print("dgm: interrupted; the checkpoints written so far are kept", file=sys.stderr)
+        sys.exit(130)
