@@ -2,6 +2,7 @@
 the latest and the best on validation are kept. Orbax writes each one atomically: a step
 directory appears under its final name only once complete."""
 
+import math
 from pathlib import Path
 
 import jax
@@ -21,8 +22,9 @@ class Checkpoints:
         keep = policies.AnyPreservationPolicy(
             [
                 policies.LatestN(n=1),
-                # BestN keeps the tail of the sorted order: reverse so the lowest value is last.
-                policies.BestN(get_metric_fn=lambda metrics: metrics["validation"], reverse=True, n=1),
+                # BestN keeps the tail of the sorted order: reversed, that is the lowest validation
+                # value and, among equal ones, the earliest epoch, as the training loop chooses.
+                policies.BestN(get_metric_fn=lambda m: (m["validation"], m["epoch"]), reverse=True, n=1),
             ]
         )
         options = ocp.CheckpointManagerOptions(preservation_policy=keep)
@@ -34,8 +36,9 @@ class Checkpoints:
         self._overlap_training = jax.default_backend() != "cpu"
 
     def save(self, epoch: int, state, validation_metric: float) -> None:
+        value = validation_metric if math.isfinite(validation_metric) else math.inf  # NaN never best
         self._manager.save(
-            epoch, args=ocp.args.StandardSave(_flat(state)), metrics={"validation": validation_metric}
+            epoch, args=ocp.args.StandardSave(_flat(state)), metrics={"validation": value, "epoch": epoch}
         )
         if not self._overlap_training:
             self._manager.wait_until_finished()

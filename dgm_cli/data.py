@@ -23,16 +23,42 @@ OFFLINE_HINT = "train offline with dataset=digits, dataset=bars or dataset=numpy
 
 
 @dataclass(frozen=True)
+class Spec:
+    """What a model may know of its data."""
+
+    num_train: int
+    image_shape: tuple[int, int]  # H × W = D
+    num_classes: int | None  # of the labels, if the data set has them
+
+    @property
+    def dim(self) -> int:
+        return self.image_shape[0] * self.image_shape[1]
+
+
+@dataclass(frozen=True)
 class Data:
     train: np.ndarray  # [N_train, D] uint8 in {0, 1}
     validation: np.ndarray  # [N_validation, D]
     test: np.ndarray  # [N_test, D]
     image_shape: tuple[int, int]  # H × W = D, for pictures
     true_test_nll: float | None = None  # −mean log p(x) under the generating process, if known
+    labels: dict[str, np.ndarray] | None = None  # split -> [N] int32 class labels, if known
 
     @property
     def dim(self) -> int:
         return self.train.shape[1]
+
+    @property
+    def spec(self) -> Spec:
+        num_classes = int(self.labels["train"].max()) + 1 if self.labels else None
+        return Spec(len(self.train), self.image_shape, num_classes)
+
+    def batches(self) -> dict[str, dict[str, np.ndarray]]:
+        """split -> {"x": pixels, "labels": labels if known}, the form models take batches in."""
+        return {
+            split: {"x": getattr(self, split), **({"labels": self.labels[split]} if self.labels else {})}
+            for split in SPLITS
+        }
 
 
 def load(config) -> Data:
@@ -133,15 +159,19 @@ def _first_line(error: Exception) -> str:
 
 
 def load_digits(config) -> Data:
-    """scikit-learn's 1797 handwritten digits, 8×8 with intensities 0..16, thresholded."""
+    """scikit-learn's 1797 handwritten digits, 8×8 with intensities 0..16, thresholded, and their
+    labels 0..9."""
     from sklearn.datasets import load_digits as sklearn_digits
 
-    images = (sklearn_digits().images > config.threshold).astype(np.uint8)  # [1797, 8, 8]
-    rest, test = _split_off(images, positive_int(config.test_size, "dataset.test_size"), config.seed)
+    digits = sklearn_digits()
+    images = (digits.images > config.threshold).astype(np.uint8)  # [1797, 8, 8]
+    rest, test = _split_off(np.arange(len(images)), positive_int(config.test_size, "dataset.test_size"), config.seed)
     train, validation = _split_off(
         rest, positive_int(config.validation_size, "dataset.validation_size"), config.seed + 1
     )
-    return _make_data({"train": train, "validation": validation, "test": test}, "digits", (8, 8))
+    indices = {"train": train, "validation": validation, "test": test}
+    labels = {split: digits.target[rows].astype(np.int32) for split, rows in indices.items()}
+    return _make_data({split: images[rows] for split, rows in indices.items()}, "digits", (8, 8), labels=labels)
 
 
 def load_bars(config) -> Data:

@@ -64,3 +64,9 @@ def optimizer_factory(optimizer_config, schedule_config, epochs: int, steps_per_
 
     make_optimizer()  # fail on a bad setting now, not inside the first jitted step
     return make_optimizer
+
+
+def apply_gradients(optimizer: optax.GradientTransformation, grads, params, opt_state):
+    """One optimizer step: -> (new params, new optimizer state)."""
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state

@@ -5,11 +5,11 @@ as uint8 from the start; one epoch is one jitted call that permutes the examples
 and scans over the batches, so nothing returns to the host between steps.
 """
 
+import dataclasses
 import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,18 +28,25 @@ from dgm_cli.metrics import MetricsLog, write_json_atomically
 log = logging.getLogger(__name__)
 
 
+def _float_pixels(batch: dict) -> dict:
+    return {**batch, "x": batch["x"].astype(jnp.float32)}
+
+
 def make_train_epoch(model, batch_size: int):
-    """(state, data [N, D] uint8, key) -> (state, metrics [steps] each): one jitted epoch."""
+    """(state, data {"x": [N, D] uint8, "labels"?: [N]}, key) -> (state, metrics, each [steps]):
+    one jitted epoch."""
 
     @jax.jit
     def train_epoch(state, data, key):
-        steps = data.shape[0] // batch_size  # the remainder sits out this epoch, not the next
+        size = data["x"].shape[0]
+        steps = size // batch_size  # the remainder sits out this epoch, not the next
         order_key, step_key = jax.random.split(key)
-        order = jax.random.permutation(order_key, data.shape[0])[: steps * batch_size]
+        order = jax.random.permutation(order_key, size)[: steps * batch_size]
 
         def step(state, inputs):
             indices, key = inputs
-            return model.train_step(state, data[indices].astype(jnp.float32), key)
+            batch = jax.tree.map(lambda array: array[indices], data)
+            return model.train_step(state, _float_pixels(batch), key)
 
         inputs = (order.reshape(steps, batch_size), jax.random.split(step_key, steps))
         return jax.lax.scan(step, state, inputs)
@@ -47,24 +54,23 @@ def make_train_epoch(model, batch_size: int):
     return train_epoch
 
 
-def _batched(data, batch_size: int):
-    """[N, D] -> [ceil(N / B), B, D], the last batch padded with zeros (dropped later)."""
-    batches = -(-data.shape[0] // batch_size)
-    padded = jnp.pad(data, ((0, batches * batch_size - data.shape[0]), (0, 0)))
-    return padded.reshape(batches, batch_size, -1)
+def _batched(array, batch_size: int):
+    """[N, ...] -> [ceil(N / B), B, ...], the last batch padded with zeros (dropped later)."""
+    batches = -(-array.shape[0] // batch_size)
+    padding = [(0, batches * batch_size - array.shape[0])] + [(0, 0)] * (array.ndim - 1)
+    return jnp.pad(array, padding).reshape(batches, batch_size, *array.shape[1:])
 
 
 def make_evaluate(model, batch_size: int):
-    """(state, data [N, D], key) -> {metric: mean over the N examples} of `model.evaluate`."""
+    """(state, data {"x": [N, D], …}, key) -> {metric: mean over the N examples of `model.evaluate`}."""
 
     @jax.jit
     def evaluate(state, data, key):
-        batches = _batched(data, batch_size)
-        keys = jax.random.split(key, len(batches))
-        per_example = jax.lax.map(
-            lambda args: model.evaluate(state, args[0].astype(jnp.float32), args[1]), (batches, keys)
-        )
-        return {name: jnp.mean(values.reshape(-1)[: data.shape[0]]) for name, values in per_example.items()}
+        batches = jax.tree.map(lambda array: _batched(array, batch_size), data)
+        keys = jax.random.split(key, batches["x"].shape[0])
+        per_example = jax.lax.map(lambda args: model.evaluate(state, _float_pixels(args[0]), args[1]), (batches, keys))
+        size = data["x"].shape[0]
+        return {name: jnp.mean(values.reshape(-1)[:size]) for name, values in per_example.items()}
 
     return evaluate
 
@@ -123,12 +129,12 @@ def _check_finite(losses, epoch: int, steps_per_epoch: int, checkpoints: Checkpo
         )
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Settings:
     """The trainer and eval settings of a config, checked."""
 
     epochs: int
-    batch_size: int
+    batch_size: int | None  # None: the whole training set in one batch
     progress: bool
     num_pictures: int
     num_samples: int
@@ -139,7 +145,7 @@ class Settings:
     def from_config(cls, cfg) -> "Settings":
         return cls(
             epochs=positive_int(cfg.trainer.epochs, "trainer.epochs"),
-            batch_size=positive_int(cfg.trainer.batch_size, "trainer.batch_size"),
+            batch_size=None if cfg.trainer.batch_size is None else positive_int(cfg.trainer.batch_size, "trainer.batch_size"),
             progress=bool(cfg.trainer.progress),
             num_pictures=positive_int(cfg.trainer.num_pictures, "trainer.num_pictures"),
             num_samples=positive_int(cfg.eval.num_samples, "eval.num_samples"),
@@ -148,17 +154,17 @@ class Settings:
         )
 
 
-@dataclass
+@dataclasses.dataclass
 class History:
     best_epoch: int | None = None
     best_value: float = math.inf
-    examples_per_sec: list[float] = field(default_factory=list)
+    examples_per_sec: list[float] = dataclasses.field(default_factory=list)
 
 
 def train_epochs(model, state, splits, keys, settings, checkpoints, metrics_log):
     """Every epoch: train (one jitted scan), validate, checkpoint, log. -> (state, History)."""
     train_data, validation_data = splits["train"], splits["validation"]
-    steps_per_epoch = train_data.shape[0] // settings.batch_size
+    steps_per_epoch = train_data["x"].shape[0] // settings.batch_size
     train_epoch = make_train_epoch(model, settings.batch_size)
     evaluate = make_evaluate(model, settings.eval_batch_size)
     history = History()
@@ -193,7 +199,7 @@ def train_epochs(model, state, splits, keys, settings, checkpoints, metrics_log)
 def evaluate_test(model, state, test_data, key, settings) -> dict[str, float]:
     """Test log-likelihood (importance sampled unless exact) and the other test metrics."""
     log_likelihood, examples_per_call = make_log_likelihood(model, settings.num_samples, settings.sample_batch)
-    log_p = test_log_likelihood(log_likelihood, examples_per_call, state, test_data, key, settings.progress)
+    log_p = test_log_likelihood(log_likelihood, examples_per_call, state, test_data["x"], key, settings.progress)
     others = make_evaluate(model, settings.eval_batch_size)(state, test_data, key)
     return {"nll": -float(np.mean(log_p)), **{name: float(value) for name, value in others.items()}}
 
@@ -205,6 +211,8 @@ def save_pictures(model, state, test_images, image_shape, key, count: int, run_d
     originals = test_images[: count // 2]
     reconstructions = model.reconstruct(state, jnp.asarray(originals, jnp.float32), reconstruction_key)
     pictures.save_pairs(run_dir / "samples" / "reconstructions.png", originals, reconstructions, image_shape)
+    for name, images in model.extra_pictures(state).items():
+        pictures.save_grid(run_dir / "samples" / f"{name}.png", images[:count], image_shape)
 
 
 class Keys(NamedTuple):
@@ -219,13 +227,18 @@ def run(cfg, run_dir: Path) -> dict:
     """Train `cfg.model` on `cfg.dataset`, evaluate the best epoch on the test set, and write
     metrics, checkpoints, pictures and, last, `summary.json` into `run_dir`."""
     started = time.perf_counter()
+    # JAX's default, sharding-friendly threefry takes twice as long per random word on a CPU
+    # (measured); wake-sleep draws a word for every binary unit it samples.
+    jax.config.update("jax_threefry_partitionable", jax.default_backend() != "cpu")
     settings = Settings.from_config(cfg)
     data = data_lib.load(cfg.dataset)
+    if settings.batch_size is None:
+        settings = dataclasses.replace(settings, batch_size=len(data.train))
     if settings.batch_size > len(data.train):
         raise DgmError(f"trainer.batch_size {settings.batch_size} exceeds the {len(data.train)} training examples")
     steps_per_epoch = len(data.train) // settings.batch_size
     make_optimizer = optim.optimizer_factory(cfg.optimizer, cfg.schedule, settings.epochs, steps_per_epoch)
-    model = models.build(cfg.model, data.dim, make_optimizer)
+    model = models.build(cfg.model, data.spec, make_optimizer)
     log.info("%s on %s: %d train / %d validation / %d test examples of %d pixels, %d steps per epoch",
              cfg.model.name, cfg.dataset.name, len(data.train), len(data.validation), len(data.test),
              data.dim, steps_per_epoch)
@@ -233,12 +246,13 @@ def run(cfg, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     keys = Keys(*jax.random.split(jax.random.key(cfg.seed), len(Keys._fields)))
     state = model.init(keys.init)
-    splits = jax.device_put({"train": data.train, "validation": data.validation, "test": data.test})
+    splits = jax.device_put(data.batches())
     with MetricsLog(run_dir) as metrics_log, Checkpoints(run_dir / "checkpoints") as checkpoints, \
             logging_redirect_tqdm():
         state, history = train_epochs(model, state, splits, keys, settings, checkpoints, metrics_log)
         state = checkpoints.restore(history.best_epoch, like=state)
-        log.info("testing epoch %d with %d importance samples per example", history.best_epoch, settings.num_samples)
+        how = "exactly" if model.exact_likelihood else f"with {settings.num_samples} importance samples per example"
+        log.info("testing epoch %d %s", history.best_epoch, how)
         test = evaluate_test(model, state, splits["test"], keys.test, settings)
         metrics_log.write("test", history.best_epoch, history.best_epoch * steps_per_epoch, test)
     save_pictures(model, state, data.test, data.image_shape, keys.pictures, settings.num_pictures, run_dir)

@@ -57,6 +57,9 @@ def test_digits_are_binary_8x8_and_split_apart():
     digits = data.load(config)
     assert (len(digits.train), len(digits.validation), len(digits.test)) == (1197, 300, 300)
     assert digits.image_shape == (8, 8) and set(np.unique(digits.train)) == {0, 1}
+    assert digits.spec.num_classes == 10 and len(digits.labels["test"]) == 300
+    batches = digits.batches()
+    assert batches["validation"]["x"].shape == (300, 64) and batches["validation"]["labels"].dtype == np.int32
 
 
 BARS = dict(size=3, bar_prob=0.3, vertical_prob=0.7)

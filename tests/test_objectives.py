@@ -10,6 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from dgm_cli import objectives
+from dgm_cli.data import Spec
 from dgm_cli.models.vae import VAE
 from dgm_cli.train import make_log_likelihood
 
@@ -56,10 +57,10 @@ def test_log_mean_exp():
 def tiny_vae():
     """A VAE with a 1-d latent on 6 pixels: small enough to integrate p(x) by quadrature."""
     config = OmegaConf.create({"name": "vae", "hidden": [8], "latent_dim": 1, "activation": "tanh", "num_samples": 1})
-    model = VAE(config, 6, lambda lr=None: optax.adam(1e-2))
+    model = VAE(config, Spec(5, (2, 3), None), lambda lr=None: optax.adam(1e-2))
     x = (jax.random.uniform(jax.random.key(4), (5, 6)) < 0.5).astype(jnp.float32)
     # A little training makes q a sensible proposal, as it is for a trained model.
-    step = lambda state, key: model.train_step(state, x, key)
+    step = lambda state, key: model.train_step(state, {"x": x}, key)
     state, _ = jax.lax.scan(step, model.init(jax.random.key(3)), jax.random.split(jax.random.key(5), 500))
     z = jnp.linspace(-12.0, 12.0, 24001)[:, None]  # [Z, 1]
     log_joint = (
@@ -84,7 +85,7 @@ def test_importance_sampled_estimate_is_below_exact_on_average_and_tightens_with
         for k in (1, 10, 100)
     }
     assert gaps[1] > gaps[10] > gaps[100] > -0.005  # Jensen: a lower bound in expectation
-    neg_elbo = jnp.mean(jax.vmap(lambda key: model.evaluate(state, x, key)["neg_elbo"])(keys[:200]), axis=0)
+    neg_elbo = jnp.mean(jax.vmap(lambda key: model.evaluate(state, {"x": x}, key)["neg_elbo"])(keys[:200]), axis=0)
     assert bool(jnp.all(-neg_elbo <= exact + 1e-3))
 
 

@@ -2,14 +2,17 @@
 
 The runner knows a model only through this contract, and a model knows nothing about files:
 
-    model = build(config.model, data_dim, make_optimizer)
+    model = build(config.model, spec, make_optimizer)    # spec: dgm_cli.data.Spec of the data
     state = model.init(key)                              # a pytree: parameters, optimizer states
-    state, metrics = model.train_step(state, x, key)     # x: [B, D] in {0, 1}; metrics: scalars,
-                                                         #   "loss" among them
-    model.evaluate(state, x, key)                        # per-example metrics, each [B]
+    state, metrics = model.train_step(state, batch, key) # batch: {"x": [B, D] in {0, 1},
+                                                         #   "labels": [B] if the data has them};
+                                                         #   metrics: scalars, "loss" among them
+    model.evaluate(state, batch, key)                    # per-example metrics, each [B]
     model.log_likelihood(state, x, key, num_samples)     # [B] log p(x) estimate, in nats
-    model.sample(state, key, n)                          # [n, D] pixel probabilities
+    model.sample(state, key, n)                          # [n, D] samples or their pixel
+                                                         #   probabilities, in [0, 1]
     model.reconstruct(state, x, key)                     # [B, D] pixel probabilities
+    model.extra_pictures(state)                          # {name: [N, D]} the family's own grids
 
 and two class attributes: `exact_likelihood` (log_likelihood needs no samples) and
 `selection_metric` (the key of `evaluate` whose validation mean, lower is better, picks the
@@ -19,9 +22,10 @@ learning rate if given. Every method is pure and jit-compatible.
 
 from dgm_cli.errors import choice
 from dgm_cli.models.vae import VAE
+from dgm_cli.models.wakesleep import WakeSleep
 
-MODELS = {"vae": VAE}
+MODELS = {"vae": VAE, "wakesleep": WakeSleep}
 
 
-def build(config, data_dim: int, make_optimizer):
-    return choice(config.name, MODELS, "model")(config, data_dim, make_optimizer)
+def build(config, spec, make_optimizer):
+    return choice(config.name, MODELS, "model")(config, spec, make_optimizer)

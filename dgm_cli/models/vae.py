@@ -15,6 +15,7 @@ from flax import nnx
 
 from dgm_cli import objectives
 from dgm_cli.errors import positive_int, positive_ints
+from dgm_cli.optim import apply_gradients
 from dgm_cli.models import nets
 
 
@@ -45,8 +46,8 @@ class VAE:
     exact_likelihood = False
     selection_metric = "loss"  # the training bound, on validation data: the ELBO, or IWAE's for k > 1
 
-    def __init__(self, config, data_dim: int, make_optimizer):
-        self.data_dim = data_dim
+    def __init__(self, config, spec, make_optimizer):
+        self.data_dim = spec.dim
         self.hidden = positive_ints(config.hidden, "model.hidden")
         self.latent_dim = positive_int(config.latent_dim, "model.latent_dim")
         self.activation = nets.activation(config.activation)
@@ -86,18 +87,16 @@ class VAE:
         bound, recon, kl = self._bounds(networks, x, key, self.num_samples)
         return {"loss": -bound, "neg_elbo": recon + kl, "recon": recon, "kl": kl}
 
-    def train_step(self, state: State, x, key):
+    def train_step(self, state: State, batch, key):
         def loss_fn(networks):
-            metrics = jax.tree.map(jnp.mean, self._metrics(networks, x, key))
+            metrics = jax.tree.map(jnp.mean, self._metrics(networks, batch["x"], key))
             return metrics["loss"], metrics
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.nets)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.nets)
-        networks = optax.apply_updates(state.nets, updates)
-        return State(networks, opt_state), metrics
+        return State(*apply_gradients(self.optimizer, grads, state.nets, state.opt_state)), metrics
 
-    def evaluate(self, state: State, x, key):
-        return self._metrics(state.nets, x, key)
+    def evaluate(self, state: State, batch, key):
+        return self._metrics(state.nets, batch["x"], key)
 
     def log_likelihood(self, state: State, x, key, num_samples: int):
         log_weights, _, _ = self._log_weights(state.nets, x, key, num_samples)
@@ -110,3 +109,6 @@ class VAE:
     def reconstruct(self, state: State, x, key):
         mean, _ = state.nets.encode(x)
         return jax.nn.sigmoid(state.nets.decode(mean))
+
+    def extra_pictures(self, state: State):
+        return {}
