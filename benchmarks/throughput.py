@@ -1,11 +1,17 @@
-"""Training throughput of `dgm train` against a hand-written plain-JAX reference, in one run.
+"""Throughput benchmarks of `dgm train`, each side of a comparison measured in the same run.
 
-The reference is the same VAE (784-400-20, ReLU, batch 128, Adam at 1e-3) written directly in
-JAX: hand-rolled parameters and Adam, one whole epoch as one jitted `lax.scan` over
-device-resident data. Both are timed the same way (wall clock per epoch, median over the epochs
-after the first, which compiles) and the script prints the ratio dgm / reference.
+vae:        the VAE (784-400-20, ReLU, batch 128, Adam at 1e-3) against the same model written
+            directly in JAX: hand-rolled parameters and Adam, one whole epoch as one jitted
+            `lax.scan` over device-resident data. Prints the ratio dgm / reference.
+wakesleep:  an epoch of classic wake-sleep (one layer of 200 binary units) against an epoch of the
+            VAE with the same hidden sizes (one hidden layer of 200). Prints the cost ratio.
+loglinear:  one full-batch EM iteration of the K = 500 Bernoulli mixture (pixel features, exact
+            M-step) against the same iteration in vectorised NumPy as one writes it by hand.
 
-    TFDS_DATA_DIR=../shared/tensorflow_datasets python benchmarks/throughput.py --epochs 10
+Every figure is wall clock per epoch, the median over the epochs after the first (which
+compiles); the baseline of each comparison is timed before and after the other, and averaged.
+
+    TFDS_DATA_DIR=../shared/tensorflow_datasets python benchmarks/throughput.py --epochs 20
 """
 
 import argparse
@@ -21,10 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DGM_OVERRIDES = [
-    "model=vae", "model.hidden=[400]", "model.latent_dim=20", "model.activation=relu",
-    "trainer.batch_size=128", "optimizer=adam", "optimizer.lr=1e-3", "dataset=binarized_mnist",
-]
+COMMON = ["optimizer=adam", "optimizer.lr=1e-3", "dataset=binarized_mnist"]
+VAE = ["model=vae", "model.hidden=[400]", "model.latent_dim=20", "model.activation=relu", "trainer.batch_size=128"]
+VAE_200 = ["model=vae", "model.hidden=[200]", "trainer.batch_size=128"]
+WAKESLEEP_200 = ["model=wakesleep", "model.layers=[200]", "trainer.batch_size=128"]
+LOGLINEAR_K = 500
+LOGLINEAR = ["model=loglinear", f"model.num_components={LOGLINEAR_K}", "model.features=pixel", "model.m_step=exact"]
 BATCH, HIDDEN, LATENT, LR = 128, 400, 20, 1e-3
 
 
@@ -87,29 +95,89 @@ def reference_examples_per_sec(train: np.ndarray, epochs: int) -> float:
     return statistics.median(rates[1:])
 
 
-def dgm_examples_per_sec(epochs: int, extra: list[str]) -> float:
+def dgm_examples_per_sec(overrides: list[str], epochs: int) -> float:
+    """`dgm train` with these overrides, as a user runs it; its median epoch after the first."""
     with tempfile.TemporaryDirectory() as run_dir:
-        command = ["dgm", "train", *DGM_OVERRIDES, f"trainer.epochs={epochs}",
-                   "eval.num_samples=1", "trainer.progress=false", f"hydra.run.dir={run_dir}", *extra]
+        command = ["dgm", "train", *COMMON, *overrides, f"trainer.epochs={epochs}",
+                   "eval.num_samples=1", "trainer.progress=false", f"hydra.run.dir={run_dir}"]
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         return json.loads((Path(run_dir) / "summary.json").read_text())["train_examples_per_sec"]
+
+
+def bracketed(baseline, candidate):
+    """Time the baseline before and after the candidate, so that drift in the machine's speed
+    hits both. -> (baseline mean, candidate, a note of the baseline's two figures)."""
+    before = baseline()
+    value = candidate()
+    after = baseline()
+    digits = 0 if before > 100 else 3
+    return (before + after) / 2, value, f"(before {before:,.{digits}f}, after {after:,.{digits}f})"
+
+
+def vae_against_plain_jax(epochs: int) -> None:
+    train = load_train_images()
+    reference, dgm, spread = bracketed(lambda: reference_examples_per_sec(train, epochs),
+                                       lambda: dgm_examples_per_sec(VAE, epochs))
+    print(f"VAE 784-{HIDDEN}-{LATENT}, batch {BATCH}, examples/s:")
+    print(f"  plain-JAX reference   {reference:10,.0f}  {spread}")
+    print(f"  dgm train             {dgm:10,.0f}")
+    print(f"  ratio dgm/reference   {dgm / reference:10.3f}")
+
+
+def wakesleep_against_vae(epochs: int) -> None:
+    vae, wakesleep, spread = bracketed(lambda: dgm_examples_per_sec(VAE_200, epochs),
+                                       lambda: dgm_examples_per_sec(WAKESLEEP_200, epochs))
+    print(f"Wake-sleep against the VAE with the same hidden sizes, batch {BATCH}, examples/s:")
+    print(f"  VAE, model.hidden=[200]          {vae:10,.0f}  {spread}")
+    print(f"  wake-sleep, model.layers=[200]   {wakesleep:10,.0f}")
+    print(f"  epoch cost wake-sleep/VAE        {vae / wakesleep:10.3f}")
+
+
+def numpy_em_seconds(train: np.ndarray, iterations: int, dtype, alpha: float = 1e-3) -> float:
+    """One iteration of EM for a mixture of K multivariate Bernoullis, vectorised NumPy as one
+    writes it by hand: log p(x|z) = x log μ_zᵀ + (1 − x) log(1 − μ_z)ᵀ. The median iteration."""
+    rng = np.random.default_rng(0)
+    x = train.astype(dtype)  # [N, D]
+    means = rng.uniform(0.25, 0.75, (LOGLINEAR_K, x.shape[1])).astype(dtype)  # [K, D]
+    weights = np.full(LOGLINEAR_K, 1 / LOGLINEAR_K, dtype)
+    times = []
+    for _ in range(iterations):
+        started = time.perf_counter()
+        log_joint = x @ np.log(means).T + (1 - x) @ np.log1p(-means).T + np.log(weights)  # [N, K]
+        log_p = np.logaddexp.reduce(log_joint, axis=1, keepdims=True)
+        responsibilities = np.exp(log_joint - log_p)
+        counts = responsibilities.sum(0)
+        means = (responsibilities.T @ x + alpha) / (counts[:, None] + 2 * alpha)
+        weights = (counts + alpha) / (len(x) + LOGLINEAR_K * alpha)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def loglinear_against_numpy(epochs: int) -> None:
+    train = load_train_images()
+    iterations = max(3, epochs // 2)
+    numpy_seconds, rate, spread = bracketed(lambda: numpy_em_seconds(train, iterations, np.float64),
+                                            lambda: dgm_examples_per_sec(LOGLINEAR, epochs))
+    single = numpy_em_seconds(train, iterations, np.float32)
+    dgm_seconds = len(train) / rate
+    print(f"One full-batch EM iteration, K = {LOGLINEAR_K} pixel features, {len(train)} images, seconds:")
+    print(f"  NumPy EM, float64 (NumPy's default)  {numpy_seconds:8.3f}  {spread}")
+    print(f"  NumPy EM, float32                    {single:8.3f}")
+    print(f"  dgm train model=loglinear            {dgm_seconds:8.3f}")
+    print(f"  ratio dgm/NumPy (float64)            {dgm_seconds / numpy_seconds:8.3f}")
+
+
+BENCHMARKS = {"vae": vae_against_plain_jax, "wakesleep": wakesleep_against_vae, "loglinear": loglinear_against_numpy}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("overrides", nargs="*", help="extra overrides for dgm train")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated: " + ", ".join(BENCHMARKS))
     args = parser.parse_args()
-    train = load_train_images()
-    # The reference runs before and after dgm, so that drift in the machine's speed hits both.
-    before = reference_examples_per_sec(train, args.epochs)
-    dgm = dgm_examples_per_sec(args.epochs, args.overrides)
-    after = reference_examples_per_sec(train, args.epochs)
-    reference = (before + after) / 2
-    print(f"device: {jax.devices()[0].platform}, epochs: {args.epochs}, batch {BATCH}")
-    print(f"plain-JAX reference: {reference:10,.0f} examples/s (before {before:,.0f}, after {after:,.0f})")
-    print(f"dgm train:           {dgm:10,.0f} examples/s")
-    print(f"ratio dgm/reference: {dgm / reference:.3f}")
+    print(f"device: {jax.devices()[0].platform}, epochs per measurement: {args.epochs}")
+    for name in args.only.split(","):
+        BENCHMARKS[name](args.epochs)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,11 @@ learning rate if given. Every method is pure and jit-compatible.
 """
 
 from dgm_cli.errors import choice
+from dgm_cli.models.loglinear import LogLinear
 from dgm_cli.models.vae import VAE
 from dgm_cli.models.wakesleep import WakeSleep
 
-MODELS = {"vae": VAE, "wakesleep": WakeSleep}
+MODELS = {"vae": VAE, "wakesleep": WakeSleep, "loglinear": LogLinear}
 
 
 def build(config, spec, make_optimizer):
