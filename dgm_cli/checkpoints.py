@@ -1,12 +1,17 @@
-"""Checkpoints of the training state through an Orbax CheckpointManager, one step per epoch:
-the latest and the best on validation are kept. Orbax writes each one atomically: a step
-directory appears under its final name only once complete."""
+"""Checkpoints of a run through an Orbax CheckpointManager, one step per epoch; the latest and
+the best on validation are kept. Each step holds the training state and a JSON record of the
+run's progress, which is everything a killed run needs to go on: the random keys and the data
+order of every epoch follow from the config's seed and the epoch number. Orbax writes a step
+under a temporary name and renames it once complete, so a step cut short by a kill is never
+taken for a finished one."""
 
 import math
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+
+from dgm_cli.errors import DgmError
 
 policies = ocp.checkpoint_managers
 
@@ -27,7 +32,7 @@ class Checkpoints:
                 policies.BestN(get_metric_fn=lambda m: (m["validation"], m["epoch"]), reverse=True, n=1),
             ]
         )
-        options = ocp.CheckpointManagerOptions(preservation_policy=keep)
+        options = ocp.CheckpointManagerOptions(preservation_policy=keep, cleanup_tmp_directories=True)
         self.directory = directory
         self._manager = ocp.CheckpointManager(directory.absolute(), options=options)
         # On an accelerator the background write overlaps the device's next epoch for free; on a
@@ -35,25 +40,36 @@ class Checkpoints:
         # there a save finishes before training goes on.
         self._overlap_training = jax.default_backend() != "cpu"
 
-    def save(self, epoch: int, state, validation_metric: float) -> None:
+    def save(self, epoch: int, state, validation_metric: float, record: dict) -> None:
         value = validation_metric if math.isfinite(validation_metric) else math.inf  # NaN never best
-        self._manager.save(
-            epoch, args=ocp.args.StandardSave(_flat(state)), metrics={"validation": value, "epoch": epoch}
-        )
+        args = ocp.args.Composite(state=ocp.args.StandardSave(_flat(state)), record=ocp.args.JsonSave(record))
+        self._manager.save(epoch, args=args, metrics={"validation": value, "epoch": epoch})
         if not self._overlap_training:
             self._manager.wait_until_finished()
 
-    def restore(self, epoch: int, like):
-        """The state saved at `epoch`, in the structure of `like` (a state or its eval_shape)."""
-        self._manager.wait_until_finished()
-        template = _flat(like)
-        restored = self._manager.restore(epoch, args=ocp.args.StandardRestore(template))
-        return jax.tree_util.tree_unflatten(
-            jax.tree_util.tree_structure(like), [restored[key] for key in template]
-        )
-
     def latest_epoch(self) -> int | None:
         return self._manager.latest_step()
+
+    def record(self, epoch: int) -> dict:
+        """The progress record saved with `epoch`."""
+        return self._restore(epoch, record=ocp.args.JsonRestore())["record"]
+
+    def restore(self, epoch: int, like):
+        """The state saved at `epoch`, in the structure of `like` (a state or its eval_shape)."""
+        template = _flat(like)
+        flat = self._restore(epoch, state=ocp.args.StandardRestore(template))["state"]
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), [flat[key] for key in template])
+
+    def _restore(self, epoch: int, **items):
+        self._manager.wait_until_finished()
+        try:
+            return self._manager.restore(epoch, args=ocp.args.Composite(**items))
+        except Exception as error:  # Orbax and TensorStore raise many types for a damaged step
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise DgmError(
+                f"checkpoint {epoch} in {self.directory} cannot be read ({reason[:200]}); "
+                f"delete {self.directory / str(epoch)} to fall back to an earlier one"
+            ) from None
 
     def close(self) -> None:
         self._manager.wait_until_finished()

@@ -4,6 +4,7 @@ a synthetic bars generator, or a user's .npz file.
 Every loader returns a `Data`; the runner puts its arrays on the device once.
 """
 
+import hashlib
 import logging
 import math
 import os
@@ -61,8 +62,9 @@ class Data:
         }
 
 
-def load(config) -> Data:
-    return choice(config.loader, LOADERS, "dataset loader")(config)
+def load(config, cache_dir: Path | None = None) -> Data:
+    """The data set `config` names; `cache_dir`, if given, keeps decoded copies of TFDS sets."""
+    return choice(config.loader, LOADERS, "dataset loader")(config, cache_dir)
 
 
 def _checked(array, split: str, source: str) -> np.ndarray:
@@ -107,9 +109,10 @@ def _split_off(array, size: int, seed: int):
     return array[order[size:]], array[order[:size]]
 
 
-def load_tfds(config) -> Data:
+def load_tfds(config, cache_dir: Path | None) -> Data:
     """A TFDS data set, read through `as_data_source` (no TensorFlow needed); downloaded and
-    prepared first if it is not there (that needs TensorFlow and the network)."""
+    prepared first if it is not there (that needs TensorFlow and the network). Decoding its
+    PNGs takes seconds, so the arrays are kept in `cache_dir` for the next run."""
     logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS's advice about OpenCV is noise here
     import tensorflow_datasets as tfds
 
@@ -118,6 +121,15 @@ def load_tfds(config) -> Data:
         builder = tfds.builder(config.tfds_name, data_dir=data_dir)
     except Exception as error:  # TFDS raises many types here; all mean the name is unusable
         raise DgmError(f"TFDS has no data set {config.tfds_name!r}: {_first_line(error)}") from None
+    source = f"TFDS {config.tfds_name} in {builder.data_dir}"
+    cached = _cache_file(cache_dir, builder, config.image_key)
+    if cached and cached.is_file():
+        try:
+            with np.load(cached) as file:
+                arrays = {split: file[split] for split in SPLITS}
+                return _make_data(arrays, source, image_shape=tuple(file["image_shape"]))
+        except Exception:  # a damaged copy: decode afresh below and replace it
+            log.info("ignoring the unreadable cached copy %s", cached)
     if not builder.is_prepared():
         log.info("%s is not in %s: downloading and preparing it", config.tfds_name, builder.data_dir)
         try:
@@ -129,12 +141,25 @@ def load_tfds(config) -> Data:
                 f"downloaded ({_first_line(error)}); set TFDS_DATA_DIR (or dataset.data_dir) to a "
                 f"TFDS data directory that holds it, or {OFFLINE_HINT}"
             ) from None
-    source = f"TFDS {config.tfds_name} in {builder.data_dir}"
     splits = {}
     for split in SPLITS:
         images = np.stack([record[config.image_key] for record in builder.as_data_source(split=split)])
         splits[split] = images.reshape(len(images), -1)  # [N, H, W, 1] -> [N, D]
-    return _make_data(splits, source, image_shape=images.shape[1:3])
+    data = _make_data(splits, source, image_shape=images.shape[1:3])
+    if cached:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cached.with_name(cached.stem + f".{os.getpid()}.tmp.npz")
+        np.savez(temporary, **{split: getattr(data, split) for split in SPLITS}, image_shape=data.image_shape)
+        os.replace(temporary, cached)  # whole or not at all, even with runs side by side
+    return data
+
+
+def _cache_file(cache_dir: Path | None, builder, image_key: str) -> Path | None:
+    """Where the decoded arrays of this prepared data set are kept, if they are kept at all."""
+    if cache_dir is None or not builder.is_prepared():
+        return None
+    where = hashlib.sha1(f"{Path(builder.data_dir).resolve()}:{image_key}".encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{builder.name}-{builder.version}-{where}.npz"
 
 
 def _check_reachable(builder, timeout: float = 5.0) -> None:
@@ -158,7 +183,7 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0]
 
 
-def load_digits(config) -> Data:
+def load_digits(config, cache_dir: Path | None) -> Data:
     """scikit-learn's 1797 handwritten digits, 8×8 with intensities 0..16, thresholded, and their
     labels 0..9."""
     from sklearn.datasets import load_digits as sklearn_digits
@@ -174,7 +199,7 @@ def load_digits(config) -> Data:
     return _make_data({split: images[rows] for split, rows in indices.items()}, "digits", (8, 8), labels=labels)
 
 
-def load_bars(config) -> Data:
+def load_bars(config, cache_dir: Path | None) -> Data:
     size = positive_int(config.size, "dataset.size")
     bar_prob = probability(config.bar_prob, "dataset.bar_prob")
     vertical_prob = probability(config.vertical_prob, "dataset.vertical_prob")
@@ -215,7 +240,7 @@ def bars_log_prob(x, size: int, bar_prob: float, vertical_prob: float) -> np.nda
     return np.logaddexp(vertical, horizontal)
 
 
-def load_numpy(config) -> Data:
+def load_numpy(config, cache_dir: Path | None) -> Data:
     """A user's .npz with arrays `train`, `test` and optionally `validation` ([N, D] or
     [N, H, W], values in {0, 1}); without `validation`, a fraction of `train` is held out."""
     if not config.path:

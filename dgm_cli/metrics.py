@@ -8,10 +8,28 @@ from pathlib import Path
 from tensorboardX import SummaryWriter
 
 
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, less a last line that a killed run left unfinished."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else ():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
 class MetricsLog:
-    def __init__(self, run_dir: Path):
-        self._lines = open(run_dir / "metrics.jsonl", "a")
-        self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+    """Appends to a run's metrics. A resumed run first drops what came after its checkpoint, so
+    that every epoch appears once, as it would had the run never stopped."""
+
+    def __init__(self, run_dir: Path, resumed_epoch: int = 0, resumed_step: int = 0):
+        path = run_dir / "metrics.jsonl"
+        if path.exists():
+            kept = [r for r in read_records(path) if r["split"] != "test" and r["epoch"] <= resumed_epoch]
+            write_atomically(path, "".join(json.dumps(record) + "\n" for record in kept))
+        self._lines = open(path, "a")
+        self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_step + 1)
 
     def write(self, split: str, epoch: int, step: int, values: dict[str, float]) -> None:
         record = {"epoch": epoch, "step": step, "split": split, **values}
@@ -31,7 +49,11 @@ class MetricsLog:
         self.close()
 
 
-def write_json_atomically(path: Path, value: dict) -> None:
+def write_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2) + "\n")
+    temporary.write_text(text)
     os.replace(temporary, path)
+
+
+def write_json_atomically(path: Path, value: dict) -> None:
+    write_atomically(path, json.dumps(value, indent=2) + "\n")

@@ -1,8 +1,9 @@
-"""The training loop: init -> epochs (one jitted scan each) -> evaluation -> checkpoints -> metrics.
+"""The training loop: set up -> epochs (one jitted scan each) -> validation -> checkpoint ->
+metrics, then the test evaluation of the best epoch, pictures and, last, `summary.json`.
 
-It knows a model only through the contract of `dgm_cli.models`. The data sets live on the device
-as uint8 from the start; one epoch is one jitted call that permutes the examples on the device
-and scans over the batches, so nothing returns to the host between steps.
+It knows a model only through the contract of `dgm_cli.models`. A run directory that already
+holds checkpoints is resumed from the latest one, which ends exactly as if the run had never
+stopped: every epoch's random keys and data order follow from the seed and the epoch number.
 """
 
 import dataclasses
@@ -16,11 +17,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import psutil
+from omegaconf import OmegaConf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dgm_cli import data as data_lib
-from dgm_cli import models, optim, pictures
+from dgm_cli import models, optim, pictures, runtime, steps
 from dgm_cli.checkpoints import Checkpoints
 from dgm_cli.errors import DgmError, positive_int
 from dgm_cli.metrics import MetricsLog, write_json_atomically
@@ -28,92 +31,63 @@ from dgm_cli.metrics import MetricsLog, write_json_atomically
 log = logging.getLogger(__name__)
 
 
-def _float_pixels(batch: dict) -> dict:
-    return {**batch, "x": batch["x"].astype(jnp.float32)}
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The trainer and eval settings of a config, checked."""
+
+    epochs: int
+    batch_size: int | None  # None: the whole training set in one batch
+    progress: bool
+    num_pictures: int
+    num_samples: int
+    eval_batch_size: int
+    sample_batch: int
+    data_parallel: bool
+
+    @classmethod
+    def from_config(cls, cfg) -> "Settings":
+        batch_size = cfg.trainer.batch_size
+        return cls(
+            epochs=positive_int(cfg.trainer.epochs, "trainer.epochs"),
+            batch_size=None if batch_size is None else positive_int(batch_size, "trainer.batch_size"),
+            progress=bool(cfg.trainer.progress),
+            num_pictures=positive_int(cfg.trainer.num_pictures, "trainer.num_pictures"),
+            num_samples=positive_int(cfg.eval.num_samples, "eval.num_samples"),
+            eval_batch_size=positive_int(cfg.eval.batch_size, "eval.batch_size"),
+            sample_batch=positive_int(cfg.eval.sample_batch, "eval.sample_batch"),
+            data_parallel=bool(cfg.trainer.data_parallel),
+        )
 
 
-def make_train_epoch(model, batch_size: int):
-    """(state, data {"x": [N, D] uint8, "labels"?: [N]}, key) -> (state, metrics, each [steps]):
-    one jitted epoch."""
+class Keys(NamedTuple):
+    """The root key of the seed, split once by purpose; epochs fold their number in."""
 
-    @jax.jit
-    def train_epoch(state, data, key):
-        size = data["x"].shape[0]
-        steps = size // batch_size  # the remainder sits out this epoch, not the next
-        order_key, step_key = jax.random.split(key)
-        order = jax.random.permutation(order_key, size)[: steps * batch_size]
+    init: jax.Array
+    train: jax.Array
+    validation: jax.Array
+    test: jax.Array
+    pictures: jax.Array
 
-        def step(state, inputs):
-            indices, key = inputs
-            batch = jax.tree.map(lambda array: array[indices], data)
-            return model.train_step(state, _float_pixels(batch), key)
-
-        inputs = (order.reshape(steps, batch_size), jax.random.split(step_key, steps))
-        return jax.lax.scan(step, state, inputs)
-
-    return train_epoch
+    @classmethod
+    def from_seed(cls, seed: int) -> "Keys":
+        return cls(*jax.random.split(jax.random.key(seed), len(cls._fields)))
 
 
-def _batched(array, batch_size: int):
-    """[N, ...] -> [ceil(N / B), B, ...], the last batch padded with zeros (dropped later)."""
-    batches = -(-array.shape[0] // batch_size)
-    padding = [(0, batches * batch_size - array.shape[0])] + [(0, 0)] * (array.ndim - 1)
-    return jnp.pad(array, padding).reshape(batches, batch_size, *array.shape[1:])
+@dataclasses.dataclass
+class History:
+    """A run's progress, saved with every checkpoint."""
+
+    epoch: int = 0
+    best_epoch: int | None = None
+    best_value: float = math.inf
+    examples_per_sec: list[float] = dataclasses.field(default_factory=list)
 
 
-def make_evaluate(model, batch_size: int):
-    """(state, data {"x": [N, D], …}, key) -> {metric: mean over the N examples of `model.evaluate`}."""
-
-    @jax.jit
-    def evaluate(state, data, key):
-        batches = jax.tree.map(lambda array: _batched(array, batch_size), data)
-        keys = jax.random.split(key, batches["x"].shape[0])
-        per_example = jax.lax.map(lambda args: model.evaluate(state, _float_pixels(args[0]), args[1]), (batches, keys))
-        size = data["x"].shape[0]
-        return {name: jnp.mean(values.reshape(-1)[:size]) for name, values in per_example.items()}
-
-    return evaluate
-
-
-def make_log_likelihood(model, num_samples: int, sample_batch: int):
-    """(state, x [B, D], key) -> [B] importance-sampled log p(x) with `num_samples` samples
-    each, and the B to call it with: at most `sample_batch` (example, sample) pairs are
-    evaluated at once, so memory stays bounded however many samples are asked for."""
-    if model.exact_likelihood:
-        exact = lambda state, x, key: model.log_likelihood(state, x.astype(jnp.float32), key, 0)
-        return jax.jit(exact), sample_batch
-    chunk = min(sample_batch, num_samples)
-    full_chunks, rest = divmod(num_samples, chunk)
-
-    @jax.jit
-    def log_likelihood(state, x, key):
-        x = x.astype(jnp.float32)
-        keys = jax.random.split(key, full_chunks + 1)
-
-        # Running log Σ_i w_i: a chunk's log-mean-exp plus log(its size) is its log-sum-exp.
-        def add_chunk(log_sum, key, size=chunk):
-            return jnp.logaddexp(log_sum, model.log_likelihood(state, x, key, size) + math.log(size))
-
-        log_sum = jnp.full(x.shape[0], -jnp.inf)
-        log_sum, _ = jax.lax.scan(lambda acc, key: (add_chunk(acc, key), None), log_sum, keys[:-1])
-        if rest:
-            log_sum = add_chunk(log_sum, keys[-1], rest)
-        return log_sum - math.log(num_samples)
-
-    return log_likelihood, max(1, sample_batch // chunk)
-
-
-def test_log_likelihood(log_likelihood, batch_size: int, state, data, key, progress: bool):
-    """[N] log p(x) of every test example, one jitted call per batch, behind a progress bar."""
-    batches = _batched(data, batch_size)
-    keys = jax.random.split(key, len(batches))
-    results = []
-    for batch, batch_key in tqdm(
-        zip(batches, keys), total=len(batches), desc="test log-likelihood", leave=False,
-        disable=None if progress else True,
-    ):
-        results.append(np.asarray(log_likelihood(state, batch, batch_key)))
-    return np.concatenate(results)[: data.shape[0]]
+def build_model(cfg, spec: data_lib.Spec, settings: Settings):
+    """The configured model for data of this `spec`, its optimizer built for its schedule."""
+    steps_per_epoch = spec.num_train // (settings.batch_size or spec.num_train)
+    make_optimizer = optim.optimizer_factory(cfg.optimizer, cfg.schedule, settings.epochs, steps_per_epoch)
+    return models.build(cfg.model, spec, make_optimizer)
 
 
 def _check_finite(losses, epoch: int, steps_per_epoch: int, checkpoints: Checkpoints) -> None:
@@ -129,78 +103,46 @@ def _check_finite(losses, epoch: int, steps_per_epoch: int, checkpoints: Checkpo
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """The trainer and eval settings of a config, checked."""
-
-    epochs: int
-    batch_size: int | None  # None: the whole training set in one batch
-    progress: bool
-    num_pictures: int
-    num_samples: int
-    eval_batch_size: int
-    sample_batch: int
-
-    @classmethod
-    def from_config(cls, cfg) -> "Settings":
-        return cls(
-            epochs=positive_int(cfg.trainer.epochs, "trainer.epochs"),
-            batch_size=None if cfg.trainer.batch_size is None else positive_int(cfg.trainer.batch_size, "trainer.batch_size"),
-            progress=bool(cfg.trainer.progress),
-            num_pictures=positive_int(cfg.trainer.num_pictures, "trainer.num_pictures"),
-            num_samples=positive_int(cfg.eval.num_samples, "eval.num_samples"),
-            eval_batch_size=positive_int(cfg.eval.batch_size, "eval.batch_size"),
-            sample_batch=positive_int(cfg.eval.sample_batch, "eval.sample_batch"),
-        )
-
-
-@dataclasses.dataclass
-class History:
-    best_epoch: int | None = None
-    best_value: float = math.inf
-    examples_per_sec: list[float] = dataclasses.field(default_factory=list)
-
-
-def train_epochs(model, state, splits, keys, settings, checkpoints, metrics_log):
-    """Every epoch: train (one jitted scan), validate, checkpoint, log. -> (state, History)."""
-    train_data, validation_data = splits["train"], splits["validation"]
-    steps_per_epoch = train_data["x"].shape[0] // settings.batch_size
-    train_epoch = make_train_epoch(model, settings.batch_size)
-    evaluate = make_evaluate(model, settings.eval_batch_size)
-    history = History()
-    bar = tqdm(range(1, settings.epochs + 1), desc="epochs", disable=None if settings.progress else True)
+def train_epochs(model, train_epoch, state, history, splits, keys, settings, devices, checkpoints, metrics_log, record):
+    """Every epoch after `history.epoch`: train (one call of the compiled `train_epoch`),
+    validate, checkpoint with `record`, log."""
+    steps_per_epoch = splits["train"]["x"].shape[0] // settings.batch_size
+    evaluate = steps.make_evaluate(model, settings.eval_batch_size, devices)
+    bar = tqdm(range(history.epoch + 1, settings.epochs + 1), desc="epochs", initial=history.epoch,
+               total=settings.epochs, disable=None if settings.progress else True)
     for epoch in bar:
         started = time.perf_counter()
-        state, step_metrics = train_epoch(state, train_data, jax.random.fold_in(keys.train, epoch))
+        state, step_metrics = train_epoch(state, splits["train"], jax.random.fold_in(keys.train, epoch))
         step_metrics = jax.device_get(step_metrics)  # the epoch's one host transfer
         seconds = time.perf_counter() - started
         _check_finite(step_metrics["loss"], epoch, steps_per_epoch, checkpoints)
         rate = steps_per_epoch * settings.batch_size / seconds
-        history.examples_per_sec.append(rate)
         step = epoch * steps_per_epoch
         train = {name: float(np.mean(values)) for name, values in step_metrics.items()}
         metrics_log.write("train", epoch, step, {**train, "examples_per_sec": rate, "seconds": seconds})
-        validation = evaluate(state, validation_data, jax.random.fold_in(keys.validation, epoch))
+        validation = evaluate(state, splits["validation"], jax.random.fold_in(keys.validation, epoch))
         validation = {name: float(value) for name, value in validation.items()}
         metrics_log.write("validation", epoch, step, validation)
 
         value = validation[model.selection_metric]
-        checkpoints.save(epoch, state, value)
+        history.epoch = epoch
+        history.examples_per_sec.append(rate)
         if value < history.best_value:
             history.best_epoch, history.best_value = epoch, value
+        checkpoints.save(epoch, state, value, {**record, "history": dataclasses.asdict(history)})
         bar.set_postfix(loss=f"{train['loss']:.2f}", validation=f"{value:.2f}", best=history.best_epoch)
         log.info("epoch %d/%d: train loss %.3f, validation %s %.3f, %.0f examples/s",
                  epoch, settings.epochs, train["loss"], model.selection_metric, value, rate)
     if history.best_epoch is None:
         raise DgmError(f"validation {model.selection_metric} was never finite; nothing to evaluate")
-    return state, history
+    return state
 
 
-def evaluate_test(model, state, test_data, key, settings) -> dict[str, float]:
+def evaluate_test(model, state, test_data, key, settings, devices) -> dict[str, float]:
     """Test log-likelihood (importance sampled unless exact) and the other test metrics."""
-    log_likelihood, examples_per_call = make_log_likelihood(model, settings.num_samples, settings.sample_batch)
-    log_p = test_log_likelihood(log_likelihood, examples_per_call, state, test_data["x"], key, settings.progress)
-    others = make_evaluate(model, settings.eval_batch_size)(state, test_data, key)
+    log_p = steps.log_likelihoods(model, state, test_data["x"], key, settings.num_samples,
+                                  settings.sample_batch, settings.progress)
+    others = steps.make_evaluate(model, settings.eval_batch_size, devices)(state, test_data, key)
     return {"nll": -float(np.mean(log_p)), **{name: float(value) for name, value in others.items()}}
 
 
@@ -215,46 +157,74 @@ def save_pictures(model, state, test_images, image_shape, key, count: int, run_d
         pictures.save_grid(run_dir / "samples" / f"{name}.png", images[:count], image_shape)
 
 
-class Keys(NamedTuple):
-    init: jax.Array
-    train: jax.Array
-    validation: jax.Array
-    test: jax.Array
-    pictures: jax.Array
+def _training_config(cfg) -> dict:
+    """What must not change when a run is resumed: all of its config but the progress bar."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["trainer"].pop("progress")
+    return config
+
+
+def _resume(checkpoints: Checkpoints, cfg, like):
+    """(state, History) from the run's latest checkpoint, or None for a fresh run."""
+    epoch = checkpoints.latest_epoch()
+    if epoch is None:
+        return None
+    record = checkpoints.record(epoch)
+    if record["config"] != _training_config(cfg):
+        raise DgmError(f"{checkpoints.directory} holds checkpoints of another config; resume it "
+                       f"with `dgm train resume={checkpoints.directory.parent}`, or choose a new hydra.run.dir")
+    log.info("resuming from the checkpoint of epoch %d", epoch)
+    return checkpoints.restore(epoch, like), History(**record["history"])
+
+
+_process_started = psutil.Process().create_time()  # the first run's start-up counts the imports
 
 
 def run(cfg, run_dir: Path) -> dict:
-    """Train `cfg.model` on `cfg.dataset`, evaluate the best epoch on the test set, and write
-    metrics, checkpoints, pictures and, last, `summary.json` into `run_dir`."""
+    """Train `cfg.model` on `cfg.dataset` in `run_dir` (or go on where a killed run stopped),
+    evaluate the best epoch on the test set, and write everything into `run_dir`."""
+    global _process_started
+    started_at, _process_started = _process_started or time.time(), None
     started = time.perf_counter()
-    # JAX's default, sharding-friendly threefry takes twice as long per random word on a CPU
-    # (measured); wake-sleep draws a word for every binary unit it samples.
-    jax.config.update("jax_threefry_partitionable", jax.default_backend() != "cpu")
+    if (run_dir / "summary.json").is_file():
+        log.info("%s has finished already; nothing to do", run_dir)
+        return OmegaConf.to_container(OmegaConf.load(run_dir / "summary.json"))
+    cache_dir = runtime.configure(cfg)
     settings = Settings.from_config(cfg)
-    data = data_lib.load(cfg.dataset)
+    data = data_lib.load(cfg.dataset, cache_dir and cache_dir / "data")
     if settings.batch_size is None:
         settings = dataclasses.replace(settings, batch_size=len(data.train))
     if settings.batch_size > len(data.train):
         raise DgmError(f"trainer.batch_size {settings.batch_size} exceeds the {len(data.train)} training examples")
+    model = build_model(cfg, data.spec, settings)
+    devices = runtime.Devices(settings.data_parallel, settings.batch_size)
     steps_per_epoch = len(data.train) // settings.batch_size
-    make_optimizer = optim.optimizer_factory(cfg.optimizer, cfg.schedule, settings.epochs, steps_per_epoch)
-    model = models.build(cfg.model, data.spec, make_optimizer)
     log.info("%s on %s: %d train / %d validation / %d test examples of %d pixels, %d steps per epoch",
              cfg.model.name, cfg.dataset.name, len(data.train), len(data.validation), len(data.test),
              data.dim, steps_per_epoch)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    keys = Keys(*jax.random.split(jax.random.key(cfg.seed), len(Keys._fields)))
-    state = model.init(keys.init)
-    splits = jax.device_put(data.batches())
-    with MetricsLog(run_dir) as metrics_log, Checkpoints(run_dir / "checkpoints") as checkpoints, \
-            logging_redirect_tqdm():
-        state, history = train_epochs(model, state, splits, keys, settings, checkpoints, metrics_log)
-        state = checkpoints.restore(history.best_epoch, like=state)
-        how = "exactly" if model.exact_likelihood else f"with {settings.num_samples} importance samples per example"
-        log.info("testing epoch %d %s", history.best_epoch, how)
-        test = evaluate_test(model, state, splits["test"], keys.test, settings)
-        metrics_log.write("test", history.best_epoch, history.best_epoch * steps_per_epoch, test)
+    (run_dir / "FAILED").unlink(missing_ok=True)  # a failure this run may now make good
+    keys = Keys.from_seed(cfg.seed)
+    splits = devices.put(data.batches())
+    record = {"config": _training_config(cfg), "spec": dataclasses.asdict(data.spec)}
+    with Checkpoints(run_dir / "checkpoints") as checkpoints:
+        state = jax.jit(model.init)(keys.init)
+        state, history = _resume(checkpoints, cfg, like=state) or (state, History())
+        state = devices.put(state)
+        # Compiled ahead, so that no epoch's time includes compiling.
+        train_epoch = steps.make_train_epoch(model, settings.batch_size, devices).lower(
+            state, splits["train"], keys.train).compile()
+        record["startup_seconds"] = time.time() - started_at
+        with MetricsLog(run_dir, history.epoch, history.epoch * steps_per_epoch) as metrics_log, \
+                logging_redirect_tqdm():
+            state = train_epochs(model, train_epoch, state, history, splits, keys, settings, devices,
+                                 checkpoints, metrics_log, record)
+            state = checkpoints.restore(history.best_epoch, like=state)
+            how = "exactly" if model.exact_likelihood else f"with {settings.num_samples} importance samples per example"
+            log.info("testing epoch %d %s", history.best_epoch, how)
+            test = evaluate_test(model, state, splits["test"], keys.test, settings, devices)
+            metrics_log.write("test", history.best_epoch, history.best_epoch * steps_per_epoch, test)
     save_pictures(model, state, data.test, data.image_shape, keys.pictures, settings.num_pictures, run_dir)
 
     summary = {
@@ -268,6 +238,7 @@ def run(cfg, run_dir: Path) -> dict:
         "epochs": settings.epochs,
         "train_examples_per_sec": statistics.median(history.examples_per_sec[1:] or history.examples_per_sec),
         "wall_seconds": time.perf_counter() - started,
+        "startup_seconds": record.get("startup_seconds"),
     }
     if data.true_test_nll is not None:
         summary["true_test_nll"] = data.true_test_nll

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from dgm_cli import objectives
 from dgm_cli.data import Spec
 from dgm_cli.models.vae import VAE
-from dgm_cli.train import make_log_likelihood
+from dgm_cli.steps import make_log_likelihood
 
 def test_softplus_is_stable_and_exact():
     x = jnp.array([-1e30, -100.0, -3.0, 0.0, 2.5, 100.0, 1e30])

@@ -1,0 +1,103 @@
+"""The jitted computations of a run, built from a model's contract: a training epoch, the
+evaluation of a data set, and the (importance-sampled) log-likelihood.
+
+The data sets live on the device as uint8 from the start; one epoch is one jitted call that
+permutes the examples on the device and scans over the batches, so nothing returns to the host
+between steps.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+
+def _float_pixels(batch: dict) -> dict:
+    return {**batch, "x": batch["x"].astype(jnp.float32)}
+
+
+def make_train_epoch(model, batch_size: int, devices):
+    """(state, data {"x": [N, D] uint8, "labels"?: [N]}, key) -> (state, metrics, each [steps]):
+    one jitted epoch, its batches spread over `devices`."""
+
+    @jax.jit
+    def train_epoch(state, data, key):
+        size = data["x"].shape[0]
+        steps = size // batch_size  # the remainder sits out this epoch, not the next
+        order_key, step_key = jax.random.split(key)
+        order = jax.random.permutation(order_key, size)[: steps * batch_size]
+
+        def step(state, inputs):
+            indices, key = inputs
+            batch = devices.spread(jax.tree.map(lambda array: array[indices], data))
+            return model.train_step(state, _float_pixels(batch), key)
+
+        inputs = (order.reshape(steps, batch_size), jax.random.split(step_key, steps))
+        return jax.lax.scan(step, state, inputs)
+
+    return train_epoch
+
+
+def batched(array, batch_size: int):
+    """[N, ...] -> [ceil(N / B), B, ...], the last batch padded with zeros (dropped later)."""
+    batches = -(-array.shape[0] // batch_size)
+    padding = [(0, batches * batch_size - array.shape[0])] + [(0, 0)] * (array.ndim - 1)
+    return jnp.pad(array, padding).reshape(batches, batch_size, *array.shape[1:])
+
+
+def make_evaluate(model, batch_size: int, devices):
+    """(state, data {"x": [N, D], …}, key) -> {metric: mean over the N examples of `model.evaluate`}."""
+
+    @jax.jit
+    def evaluate(state, data, key):
+        batches = jax.tree.map(lambda array: batched(array, batch_size), data)
+        keys = jax.random.split(key, batches["x"].shape[0])
+        per_example = jax.lax.map(
+            lambda args: model.evaluate(state, _float_pixels(devices.spread(args[0])), args[1]), (batches, keys)
+        )
+        size = data["x"].shape[0]
+        return {name: jnp.mean(values.reshape(-1)[:size]) for name, values in per_example.items()}
+
+    return evaluate
+
+
+def make_log_likelihood(model, num_samples: int, sample_batch: int):
+    """(state, x [B, D], key) -> [B] importance-sampled log p(x) with `num_samples` samples
+    each, and the B to call it with: at most `sample_batch` (example, sample) pairs are
+    evaluated at once, so memory stays bounded however many samples are asked for."""
+    if model.exact_likelihood:
+        exact = lambda state, x, key: model.log_likelihood(state, x.astype(jnp.float32), key, 0)
+        return jax.jit(exact), sample_batch
+    chunk = min(sample_batch, num_samples)
+    full_chunks, rest = divmod(num_samples, chunk)
+
+    @jax.jit
+    def log_likelihood(state, x, key):
+        x = x.astype(jnp.float32)
+        keys = jax.random.split(key, full_chunks + 1)
+
+        # Running log Σ_i w_i: a chunk's log-mean-exp plus log(its size) is its log-sum-exp.
+        def add_chunk(log_sum, key, size=chunk):
+            return jnp.logaddexp(log_sum, model.log_likelihood(state, x, key, size) + math.log(size))
+
+        log_sum = jnp.full(x.shape[0], -jnp.inf)
+        log_sum, _ = jax.lax.scan(lambda acc, key: (add_chunk(acc, key), None), log_sum, keys[:-1])
+        if rest:
+            log_sum = add_chunk(log_sum, keys[-1], rest)
+        return log_sum - math.log(num_samples)
+
+    return log_likelihood, max(1, sample_batch // chunk)
+
+
+def log_likelihoods(model, state, x, key, num_samples: int, sample_batch: int, progress: bool):
+    """[N] log p(x) of every example of x [N, D], one jitted call per batch, behind a progress bar."""
+    log_likelihood, batch_size = make_log_likelihood(model, num_samples, sample_batch)
+    batches = batched(x, batch_size)
+    keys = jax.random.split(key, len(batches))
+    results = []
+    for batch, batch_key in tqdm(zip(batches, keys), total=len(batches), desc="test log-likelihood",
+                                 leave=False, disable=None if progress else True):
+        results.append(np.asarray(log_likelihood(state, batch, batch_key)))
+    return np.concatenate(results)[: x.shape[0]]
