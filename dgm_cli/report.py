@@ -1,0 +1,140 @@
+"""`dgm report DIR`: the runs under DIR (one run, a sweep, or any folder of them) in one table.
+
+Each row is a configuration: the overrides its runs were started with, less the seed; runs that
+differ only in their seed are aggregated as mean ± std. Rows are sorted by test NLL. The table
+is printed and written to DIR/report.md and DIR/report.csv, with the validation curve of every
+run in DIR/curves.png.
+"""
+
+import csv
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dgm_cli.errors import DgmError
+
+COLUMNS = ["config", "runs", "test_nll", "test_nll_std", "best_epoch", "wall_seconds", "train_examples_per_sec", "status"]
+
+
+@dataclass
+class Run:
+    path: Path
+    overrides: list[str]
+    summary: dict | None
+    failure: str | None
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, validation loss)
+
+    @property
+    def status(self) -> str:
+        return "finished" if self.summary else "failed" if self.failure else "unfinished"
+
+    @property
+    def config(self) -> str:
+        """The overrides that tell this run's configuration apart, the seed left out."""
+        return " ".join(sorted(o for o in self.overrides if not o.startswith(("seed=", "hydra.")))) or "(defaults)"
+
+
+def load_run(path: Path) -> Run:
+    overrides = yaml.safe_load((path / ".hydra" / "overrides.yaml").read_text()) or []
+    summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else None
+    failure = (path / "FAILED").read_text().strip() if (path / "FAILED").is_file() else None
+    curve = []
+    if (path / "metrics.jsonl").is_file():
+        for line in (path / "metrics.jsonl").read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a killed run
+                continue
+            if record.get("split") == "validation" and "loss" in record:
+                curve.append((record["epoch"], record["loss"]))
+    return Run(path, overrides, summary, failure, curve)
+
+
+def find_runs(directory: Path) -> list[Run]:
+    if not directory.is_dir():
+        raise DgmError(f"{directory} is not a directory")
+    paths = sorted({p.parent.parent for p in directory.rglob(".hydra/overrides.yaml")})
+    if not paths:
+        raise DgmError(f"no runs under {directory}: a run directory holds .hydra/overrides.yaml")
+    return [load_run(path) for path in paths]
+
+
+def _mean_std(values):
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def table(runs: list[Run]) -> list[dict]:
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.config, []).append(run)
+    rows = []
+    for config, members in groups.items():
+        finished = [run.summary for run in members if run.summary]
+        nll, nll_std = _mean_std([s["test_nll"] for s in finished])
+        statuses = [run.status for run in members]
+        rows.append({
+            "config": config,
+            "runs": len(members),
+            "test_nll": nll,
+            "test_nll_std": nll_std,
+            "best_epoch": _mean_std([s["best_epoch"] for s in finished])[0],
+            "wall_seconds": _mean_std([s["wall_seconds"] for s in finished])[0],
+            "train_examples_per_sec": _mean_std([s["train_examples_per_sec"] for s in finished])[0],
+            "status": ", ".join(f"{statuses.count(s)} {s}" for s in ("finished", "failed", "unfinished") if s in statuses),
+        })
+    return sorted(rows, key=lambda row: (row["test_nll"] is None, row["test_nll"] or 0.0))
+
+
+def _format(row: dict) -> list[str]:
+    def number(value, digits):
+        return "–" if value is None else f"{value:,.{digits}f}"
+
+    nll = "–" if row["test_nll"] is None else f"{row['test_nll']:.2f}" + (
+        f" ± {row['test_nll_std']:.2f}" if row["runs"] > 1 else "")
+    return [row["config"], str(row["runs"]), nll, number(row["best_epoch"], 0), number(row["wall_seconds"], 0),
+            number(row["train_examples_per_sec"], 0), row["status"]]
+
+
+def markdown(rows: list[dict]) -> str:
+    header = ["config (overrides)", "runs", "test NLL (nats)", "best epoch", "wall s", "examples/s", "status"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_format(row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(runs: list[Run], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for run in runs:
+        if run.curve:
+            epochs, losses = zip(*run.curve)
+            seed = next((o for o in run.overrides if o.startswith("seed=")), "")
+            axes.plot(epochs, losses, label=f"{run.config} {seed}".strip())
+    axes.set(xlabel="epoch", ylabel="validation loss (nats)", title="validation curves")
+    if len(runs) <= 12:
+        axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def report(directory: Path) -> str:
+    runs = find_runs(directory)
+    rows = table(runs)
+    text = markdown(rows)
+    (directory / "report.md").write_text(text)
+    with open(directory / "report.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_curves(runs, directory / "curves.png")
+    return text
