@@ -89,7 +89,7 @@ def _checked(array, split: str, source: str) -> np.ndarray:
 
 def _image_shape(dim: int, shape=None) -> tuple[int, int]:
     if shape is not None and len(shape) == 2 and shape[0] * shape[1] == dim:
-        return tuple(shape)
+        return int(shape[0]), int(shape[1])  # plain ints: the shape goes into JSON records
     side = math.isqrt(dim)
     return (side, side) if side * side == dim else (1, dim)
 
@@ -127,7 +127,7 @@ def load_tfds(config, cache_dir: Path | None) -> Data:
         try:
             with np.load(cached) as file:
                 arrays = {split: file[split] for split in SPLITS}
-                return _make_data(arrays, source, image_shape=tuple(file["image_shape"]))
+                return _make_data(arrays, source, image_shape=file["image_shape"])
         except Exception:  # a damaged copy: decode afresh below and replace it
             log.info("ignoring the unreadable cached copy %s", cached)
     if not builder.is_prepared():

@@ -1,6 +1,8 @@
 """The data loaders: the real prepared binarized_mnist, TFDS through its mock, built-in sets, files."""
 
+import dataclasses
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -28,6 +30,18 @@ def test_reads_the_prepared_binarized_mnist():
     assert mnist.image_shape == (28, 28)
     # Same images as the original files, whatever order TFDS keeps them in: ~13% of pixels are on.
     assert 0.12 < mnist.test.mean() < 0.14
+
+
+def test_the_decoded_copy_in_the_cache_reads_back_the_same(tmp_path):
+    decoded = data.load(tfds_config(), tmp_path)
+    [cached] = list(tmp_path.glob("binarized_mnist-*.npz"))
+    again = data.load(tfds_config(), tmp_path)
+    for split in ("train", "validation", "test"):
+        np.testing.assert_array_equal(getattr(again, split), getattr(decoded, split))
+    assert again.spec == decoded.spec
+    json.dumps(dataclasses.asdict(again.spec))  # checkpoints record it as JSON
+    cached.write_bytes(b"damaged")  # a damaged copy is decoded afresh and replaced
+    assert data.load(tfds_config(), tmp_path).spec == decoded.spec and cached.stat().st_size > 1000
 
 
 def test_tfds_code_path_on_mock_data(tmp_path):
