@@ -29,8 +29,7 @@ def train_app(cfg) -> dict | None:
     from dgm_cli import train  # heavy imports (JAX, TFDS) only once a job runs
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    for noisy in ("absl", "jax"):  # Orbax (through absl) reports every file it writes at INFO
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_libraries()  # again: Hydra has just configured logging for the job
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         return train.run(cfg, run_dir)
@@ -44,6 +43,13 @@ def train_app(cfg) -> dict | None:
         if expected:
             raise SystemExit(f"dgm: error: {message}") from None
         raise
+
+
+def _quiet_libraries() -> None:
+    """Orbax and TFDS log through absl: every file written at INFO, advice at WARNING, and a
+    damaged checkpoint at ERROR, which dgm reports itself, in one line."""
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    logging.getLogger("jax").setLevel(logging.WARNING)
 
 
 class FailedJobs(Callback):
@@ -69,7 +75,7 @@ def _train_arguments(args: list[str]) -> list[str]:
             raise DgmError("resume=RUN takes no other arguments: a resumed run keeps its own config")
         from dgm_cli.runs import run_directory
 
-        run = run_directory(resume[0].split("=", 1)[1])
+        run = run_directory(resume[0].split("=", 1)[1]).absolute()
         if (run / "summary.json").is_file():
             print(f"dgm: {run} has finished; nothing to resume")
             sys.exit(0)
@@ -179,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     # Hydra prints its own multi-line report of a bad config unless asked to raise; we raise and
     # turn it into one line, keeping the full traceback for those who set HYDRA_FULL_ERROR=1.
     wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    _quiet_libraries()
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         COMMANDS[command][0](args)

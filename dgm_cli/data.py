@@ -113,7 +113,6 @@ def load_tfds(config, cache_dir: Path | None) -> Data:
     """A TFDS data set, read through `as_data_source` (no TensorFlow needed); downloaded and
     prepared first if it is not there (that needs TensorFlow and the network). Decoding its
     PNGs takes seconds, so the arrays are kept in `cache_dir` for the next run."""
-    logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS's advice about OpenCV is noise here
     import tensorflow_datasets as tfds
 
     data_dir = config.data_dir or os.environ.get("TFDS_DATA_DIR")

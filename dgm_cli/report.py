@@ -1,7 +1,8 @@
 """`dgm report DIR`: the runs under DIR (one run, a sweep, or any folder of them) in one table.
 
-Each row is a configuration: the overrides its runs were started with, less the seed; runs that
-differ only in their seed are aggregated as mean ± std. Rows are sorted by test NLL. The table
+Each row is a configuration: the overrides that set its runs apart from the others (those that
+every run shares are listed once, above the table), less the seed; runs that differ only in
+their seed are aggregated as mean ± std. Rows are sorted by test NLL. The table
 is printed and written to DIR/report.md and DIR/report.csv, with the validation curve of every
 run in DIR/curves.png.
 """
@@ -31,10 +32,10 @@ class Run:
     def status(self) -> str:
         return "finished" if self.summary else "failed" if self.failure else "unfinished"
 
-    @property
-    def config(self) -> str:
+    def config(self, shared: set[str]) -> str:
         """The overrides that tell this run's configuration apart, the seed left out."""
-        return " ".join(sorted(o for o in self.overrides if not o.startswith(("seed=", "hydra.")))) or "(defaults)"
+        own = (o for o in self.overrides if o not in shared and not o.startswith(("seed=", "hydra.")))
+        return " ".join(sorted(own)) or "(defaults)"
 
 
 def load_run(path: Path) -> Run:
@@ -68,10 +69,16 @@ def _mean_std(values):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def shared_overrides(runs: list[Run]) -> set[str]:
+    """The overrides every run was started with (none when there is one run: it shows them all)."""
+    return set.intersection(*(set(run.overrides) for run in runs)) if len(runs) > 1 else set()
+
+
 def table(runs: list[Run]) -> list[dict]:
+    shared = shared_overrides(runs)
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        groups.setdefault(run.config, []).append(run)
+        groups.setdefault(run.config(shared), []).append(run)
     rows = []
     for config, members in groups.items():
         finished = [run.summary for run in members if run.summary]
@@ -100,9 +107,10 @@ def _format(row: dict) -> list[str]:
             number(row["train_examples_per_sec"], 0), row["status"]]
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], shared: set[str]) -> str:
     header = ["config (overrides)", "runs", "test NLL (nats)", "best epoch", "wall s", "examples/s", "status"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [f"Every run: `{' '.join(sorted(shared))}`", ""] if shared else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_format(row)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -114,11 +122,12 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 5))
+    shared = shared_overrides(runs)
     for run in runs:
         if run.curve:
             epochs, losses = zip(*run.curve)
             seed = next((o for o in run.overrides if o.startswith("seed=")), "")
-            axes.plot(epochs, losses, label=f"{run.config} {seed}".strip())
+            axes.plot(epochs, losses, label=f"{run.config(shared)} {seed}".strip())
     axes.set(xlabel="epoch", ylabel="validation loss (nats)", title="validation curves")
     if len(runs) <= 12:
         axes.legend(fontsize="small")
@@ -130,7 +139,7 @@ def plot_curves(runs: list[Run], path: Path) -> None:
 def report(directory: Path) -> str:
     runs = find_runs(directory)
     rows = table(runs)
-    text = markdown(rows)
+    text = markdown(rows, shared_overrides(runs))
     (directory / "report.md").write_text(text)
     with open(directory / "report.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=COLUMNS)

@@ -49,7 +49,8 @@ class Devices:
         if batch_size % count:
             raise DgmError(f"trainer.data_parallel splits each batch over {count} devices: "
                            f"trainer.batch_size {batch_size} must be a multiple of {count}")
-        mesh = jax.make_mesh((count,), ("data",))
+        # Auto axes: XLA propagates the batch split through each step from one constraint.
+        mesh = jax.make_mesh((count,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._split = NamedSharding(mesh, PartitionSpec("data"))
         log.info("data parallel over %d devices: %s", count, ", ".join(str(d) for d in jax.devices()))

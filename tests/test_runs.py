@@ -1,0 +1,195 @@
+"""An experiment runner's work as a user types it: sweeps and their report, re-running a saved
+config, resuming a killed run, eval and sample on a finished run, data parallelism, and the bad
+arguments of each."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import QUICK
+from tests.test_cli import assert_one_line_error, dgm
+
+TIMING = {"examples_per_sec", "seconds", "wall_seconds", "startup_seconds", "train_examples_per_sec"}
+
+
+def metrics(run_dir) -> list[dict]:
+    """metrics.jsonl less its timings, which no two runs share."""
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def summary(run_dir) -> dict:
+    return {k: v for k, v in json.loads((run_dir / "summary.json").read_text()).items() if k not in TIMING}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished run on digits, for the commands that work on one (which must not change it)."""
+    cwd = tmp_path_factory.mktemp("finished")
+    result = dgm("train", "dataset=digits", *QUICK, "hydra.run.dir=run", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return cwd / "run"
+
+
+def test_a_2x2_sweep_and_its_report(tmp_path):
+    result = dgm("train", "-m", "dataset=digits", "optimizer.lr=1e-3,3e-3", "seed=0,1", *QUICK,
+                 "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    sweep = tmp_path / "sweep"
+    nll = {job: json.loads((sweep / job / "summary.json").read_text())["test_nll"] for job in "0123"}
+
+    result = dgm("report", "sweep", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader((sweep / "report.csv").open()))
+    # Jobs 0, 1 are lr 1e-3 with seeds 0, 1; jobs 2, 3 are lr 3e-3: each pair is one row.
+    means = {"optimizer.lr=0.001": np.mean([nll["0"], nll["1"]]), "optimizer.lr=0.003": np.mean([nll["2"], nll["3"]])}
+    assert sorted(means, key=means.get) == [row["config"] for row in rows]  # best first
+    for row in rows:
+        assert row["runs"] == "2" and row["status"] == "2 finished"
+        assert float(row["test_nll"]) == pytest.approx(means[row["config"]])
+    assert (sweep / "report.md").read_text() in result.stdout and " ± " in result.stdout
+    assert "dataset=digits" in result.stdout  # shared by every run: said once, above the table
+    assert Image.open(sweep / "curves.png").size[0] > 400
+
+
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
+    result = dgm("train", "-m", "dataset=bars", "model.latent_dim=0,2", *QUICK, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("dgm: error: 1 job(s) of the sweep failed")
+    assert "model.latent_dim must be a positive integer" in (tmp_path / "sweep" / "0" / "FAILED").read_text()
+    assert (tmp_path / "sweep" / "1" / "summary.json").is_file()
+    report = dgm("report", "sweep", cwd=tmp_path)
+    assert report.returncode == 0 and "1 failed" in report.stdout and "1 finished" in report.stdout
+
+
+def test_a_rerun_of_the_saved_config_repeats_every_metric(finished_run, tmp_path):
+    assert dgm("rerun", str(finished_run), "hydra.run.dir=again", cwd=tmp_path).returncode == 0
+    # Hydra's own spelling of the same.
+    result = dgm("train", "--config-path", str(finished_run / ".hydra"), "--config-name", "config",
+                 "hydra.run.dir=hydra", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for copy in ("again", "hydra"):
+        assert metrics(tmp_path / copy) == metrics(finished_run)
+        assert summary(tmp_path / copy) == summary(finished_run)
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_same_end(tmp_path):
+    # binarized_mnist, so that an epoch lasts long enough to be killed in the middle of.
+    args = ["trainer.epochs=3", "trainer.progress=false", "eval.num_samples=2", "trainer.num_pictures=4",
+            "model.hidden=[200]"]
+    assert dgm("train", *args, "hydra.run.dir=whole", cwd=tmp_path).returncode == 0
+    killed = subprocess.Popen(["dgm", "train", *args, "hydra.run.dir=killed"], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / "killed" / "checkpoints" / "1"
+    while not first.exists() and killed.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the second epoch
+    assert killed.poll() is None, "the run ended before it could be killed"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "summary.json").exists()
+
+    result = dgm("train", "resume=killed", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "resuming from the checkpoint of epoch" in (tmp_path / "killed" / "train.log").read_text()
+    assert metrics(tmp_path / "killed") == metrics(tmp_path / "whole")
+    assert summary(tmp_path / "killed") == summary(tmp_path / "whole")
+    # Resuming a finished run changes nothing.
+    result = dgm("train", "resume=killed", cwd=tmp_path)
+    assert result.returncode == 0 and "has finished" in result.stdout
+
+
+def test_eval_and_sample_on_a_finished_run(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    original = json.loads((run / "summary.json").read_text())
+
+    result = dgm("eval", "run", cwd=tmp_path)  # the run's own settings: the run's own figures
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run / "summary.json").read_text())["test_nll"] == pytest.approx(original["test_nll"], abs=1e-4)
+    result = dgm("eval", "run", "eval.num_samples=200", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    updated = json.loads((run / "summary.json").read_text())
+    assert updated["test_nll_samples"] == 200 and updated["test_nll"] < original["test_nll"]  # a tighter bound
+    assert updated["best_epoch"] == original["best_epoch"] and metrics(run) == metrics(finished_run)  # no retraining
+
+    result = dgm("sample", "run", "n=25", "seed=3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    grid = np.asarray(Image.open(run / "samples" / "sample-n25-seed3.png"))
+    assert grid.std() > 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(p.name for p in (finished_run / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("model", ["vae", "wakesleep"])
+def test_data_parallel_over_two_devices_matches_one_device(tmp_path, model):
+    args = ["train", f"model={model}", "dataset=digits", *QUICK, "trainer.batch_size=64"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    for name, parallel in (("one", "false"), ("two", "true")):
+        result = subprocess.run(["dgm", *args, f"trainer.data_parallel={parallel}", f"hydra.run.dir={name}"],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+    assert "data parallel over 2 devices" in (tmp_path / "two" / "train.log").read_text()
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [(r["epoch"], r["split"]) for r in one] == [(r["epoch"], r["split"]) for r in two]
+    for a, b in zip(one, two):
+        assert a.pop("split") == b.pop("split")
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-4)
+
+
+def test_data_parallel_needs_a_batch_the_devices_divide(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = subprocess.run(["dgm", "train", "dataset=digits", "trainer.batch_size=63", "trainer.data_parallel=true",
+                             "hydra.run.dir=run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert_one_line_error(result, "trainer.batch_size 63 must be a multiple of 2")
+
+
+def damage(run, how: str) -> None:
+    """Cut short (truncate) or overwrite (corrupt) every file of the run's checkpoints."""
+    for path in (run / "checkpoints").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"" if how == "truncated" else b"\x00not a checkpoint" * 8)
+
+
+@pytest.mark.parametrize("how", ["truncated", "corrupted"])
+def test_a_damaged_checkpoint_is_one_line(finished_run, tmp_path, how):
+    shutil.copytree(finished_run, tmp_path / "run")
+    damage(tmp_path / "run", how)
+    assert_one_line_error(dgm("eval", "run", cwd=tmp_path), "cannot be read")
+    assert_one_line_error(dgm("sample", "run", cwd=tmp_path), "cannot be read")
+    (tmp_path / "run" / "summary.json").unlink()  # as if killed: resuming reads the latest checkpoint
+    assert_one_line_error(dgm("train", "resume=run", cwd=tmp_path), "cannot be read")
+
+
+@pytest.mark.parametrize(
+    "args,fragments",
+    [
+        (["eval", "nowhere"], ["nowhere does not exist"]),
+        (["sample", "nowhere"], ["nowhere does not exist"]),
+        (["train", "resume=nowhere"], ["nowhere does not exist"]),
+        (["rerun", "nowhere"], ["nowhere does not exist"]),
+        (["eval", "empty"], ["empty is not a run directory"]),
+        (["train", "resume=empty"], ["empty is not a run directory"]),
+        (["report", "empty"], ["no runs under empty"]),
+        (["report", "nowhere"], ["nowhere is not a directory"]),
+        (["eval"], ["usage: dgm eval RUN"]),
+        (["sample", "empty", "n=0"], ["empty is not a run directory"]),
+    ],
+)
+def test_bad_arguments_are_one_line(tmp_path, args, fragments):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(dgm(*args, cwd=tmp_path), *fragments)
+
+
+def test_bad_options_of_eval_and_sample(finished_run, tmp_path):
+    assert_one_line_error(dgm("sample", str(finished_run), "n=0", cwd=tmp_path), "n must be a positive integer")
+    assert_one_line_error(dgm("sample", str(finished_run), "count=3", cwd=tmp_path), "n=COUNT and seed=INTEGER")
+    assert_one_line_error(dgm("eval", str(finished_run), "trainer.epochs=3", cwd=tmp_path), "eval.")
+    assert_one_line_error(dgm("train", f"resume={finished_run}", "seed=3", cwd=tmp_path), "takes no other arguments")
