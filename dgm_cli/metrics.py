@@ -23,7 +23,10 @@ class MetricsLog:
     """Appends to a run's metrics. A resumed run first drops what came after its checkpoint, so
     that every epoch appears once, as it would had the run never stopped."""
 
-    def __init__(self, run_dir: Path, resumed_epoch: int = 0, resumed_step: int = 0):
+    def __init__(self, run_dir: Path, resumed_epoch: int = 0, resumed_step: int = 0, enabled: bool = True):
+        self.enabled = enabled  # False: the process of a multi-host run that does not write
+        if not enabled:
+            return
         path = run_dir / "metrics.jsonl"
         if path.exists():
             kept = [r for r in read_records(path) if r["split"] != "test" and r["epoch"] <= resumed_epoch]
@@ -32,6 +35,8 @@ class MetricsLog:
         self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_step + 1)
 
     def write(self, split: str, epoch: int, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         record = {"epoch": epoch, "step": step, "split": split, **values}
         self._lines.write(json.dumps(record) + "\n")
         self._lines.flush()
@@ -39,6 +44,8 @@ class MetricsLog:
             self._tensorboard.add_scalar(f"{split}/{name}", value, step)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._lines.close()
         self._tensorboard.close()
 

@@ -58,7 +58,7 @@ def evaluate(args: list[str]) -> None:
     cache_dir = runtime.configure(cfg)
     model, state, spec, settings, best_epoch = _best_model(run, cfg)
     data = data_lib.load(cfg.dataset, cache_dir and cache_dir / "data")
-    devices = runtime.Devices(False, 1)
+    devices = runtime.Devices(data_parallel=False)
     test = train.evaluate_test(model, state, devices.put(data.batches()["test"]), train.Keys.from_seed(cfg.seed).test,
                                settings, devices)
     samples = 0 if model.exact_likelihood else settings.num_samples

@@ -41,14 +41,16 @@ class Devices:
     """One device, or with `data_parallel` a mesh over all of them (every host's) along which
     each batch is split, while the parameters and the data sets are replicated."""
 
-    def __init__(self, data_parallel: bool, batch_size: int):
+    def __init__(self, data_parallel: bool, batch_sizes: dict[str, int] | None = None):
+        """`batch_sizes`: {setting: size} of the batches that will be split."""
         self.parallel = bool(data_parallel)
         if not self.parallel:
             return
         count = jax.device_count()
-        if batch_size % count:
-            raise DgmError(f"trainer.data_parallel splits each batch over {count} devices: "
-                           f"trainer.batch_size {batch_size} must be a multiple of {count}")
+        for name, size in (batch_sizes or {}).items():
+            if size % count:
+                raise DgmError(f"trainer.data_parallel splits each batch over {count} devices: "
+                               f"{name} {size} must be a multiple of {count}")
         # Auto axes: XLA propagates the batch split through each step from one constraint.
         mesh = jax.make_mesh((count,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         self._replicated = NamedSharding(mesh, PartitionSpec())

@@ -146,14 +146,21 @@ def evaluate_test(model, state, test_data, key, settings, devices) -> dict[str, 
     return {"nll": -float(np.mean(log_p)), **{name: float(value) for name, value in others.items()}}
 
 
-def save_pictures(model, state, test_images, image_shape, key, count: int, run_dir: Path) -> None:
+def save_pictures(model, state, test_images, image_shape, key, count: int, run_dir: Path, write: bool) -> None:
+    """Samples, reconstructions and the model's own pictures. On several hosts every process
+    takes part in drawing them, and only the one that `write`s saves them."""
     samples_key, reconstruction_key = jax.random.split(key)
-    samples = model.sample(state, samples_key, count)
-    pictures.save_grid(run_dir / "samples" / "samples.png", samples, image_shape)
     originals = test_images[: count // 2]
-    reconstructions = model.reconstruct(state, jnp.asarray(originals, jnp.float32), reconstruction_key)
+    samples, reconstructions, extra = jax.device_get((
+        model.sample(state, samples_key, count),
+        model.reconstruct(state, jnp.asarray(originals, jnp.float32), reconstruction_key),
+        model.extra_pictures(state),
+    ))
+    if not write:
+        return
+    pictures.save_grid(run_dir / "samples" / "samples.png", samples, image_shape)
     pictures.save_pairs(run_dir / "samples" / "reconstructions.png", originals, reconstructions, image_shape)
-    for name, images in model.extra_pictures(state).items():
+    for name, images in extra.items():
         pictures.save_grid(run_dir / "samples" / f"{name}.png", images[:count], image_shape)
 
 
@@ -197,12 +204,14 @@ def run(cfg, run_dir: Path) -> dict:
     if settings.batch_size > len(data.train):
         raise DgmError(f"trainer.batch_size {settings.batch_size} exceeds the {len(data.train)} training examples")
     model = build_model(cfg, data.spec, settings)
-    devices = runtime.Devices(settings.data_parallel, settings.batch_size)
+    devices = runtime.Devices(settings.data_parallel, {"trainer.batch_size": settings.batch_size,
+                                                       "eval.batch_size": settings.eval_batch_size})
     steps_per_epoch = len(data.train) // settings.batch_size
     log.info("%s on %s: %d train / %d validation / %d test examples of %d pixels, %d steps per epoch",
              cfg.model.name, cfg.dataset.name, len(data.train), len(data.validation), len(data.test),
              data.dim, steps_per_epoch)
 
+    primary = jax.process_index() == 0  # of several hosts, one writes the run's files
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "FAILED").unlink(missing_ok=True)  # a failure this run may now make good
     keys = Keys.from_seed(cfg.seed)
@@ -216,7 +225,7 @@ def run(cfg, run_dir: Path) -> dict:
         train_epoch = steps.make_train_epoch(model, settings.batch_size, devices).lower(
             state, splits["train"], keys.train).compile()
         record["startup_seconds"] = time.time() - started_at
-        with MetricsLog(run_dir, history.epoch, history.epoch * steps_per_epoch) as metrics_log, \
+        with MetricsLog(run_dir, history.epoch, history.epoch * steps_per_epoch, primary) as metrics_log, \
                 logging_redirect_tqdm():
             state = train_epochs(model, train_epoch, state, history, splits, keys, settings, devices,
                                  checkpoints, metrics_log, record)
@@ -225,7 +234,7 @@ def run(cfg, run_dir: Path) -> dict:
             log.info("testing epoch %d %s", history.best_epoch, how)
             test = evaluate_test(model, state, splits["test"], keys.test, settings, devices)
             metrics_log.write("test", history.best_epoch, history.best_epoch * steps_per_epoch, test)
-    save_pictures(model, state, data.test, data.image_shape, keys.pictures, settings.num_pictures, run_dir)
+    save_pictures(model, state, data.test, data.image_shape, keys.pictures, settings.num_pictures, run_dir, primary)
 
     summary = {
         "model": cfg.model.name,
@@ -242,7 +251,8 @@ def run(cfg, run_dir: Path) -> dict:
     }
     if data.true_test_nll is not None:
         summary["true_test_nll"] = data.true_test_nll
-    write_json_atomically(run_dir / "summary.json", summary)
+    if primary:
+        write_json_atomically(run_dir / "summary.json", summary)
     log.info("test NLL %.2f nats, test neg-ELBO %.2f, best epoch %d; run directory %s",
              test["nll"], test["neg_elbo"], history.best_epoch, run_dir)
     return summary

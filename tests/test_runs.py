@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
@@ -24,6 +25,14 @@ def metrics(run_dir) -> list[dict]:
     """metrics.jsonl less its timings, which no two runs share."""
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_close(records, expected):
+    """The same records, their numbers within floating-point tolerance."""
+    assert [(r["epoch"], r["split"]) for r in records] == [(r["epoch"], r["split"]) for r in expected]
+    for record, wanted in zip(records, expected):
+        numbers = {name: value for name, value in wanted.items() if name != "split"}
+        assert {name: record[name] for name in numbers} == pytest.approx(numbers, rel=1e-4, abs=1e-4)
 
 
 def summary(run_dir) -> dict:
@@ -137,18 +146,15 @@ def test_data_parallel_over_two_devices_matches_one_device(tmp_path, model):
                                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr
     assert "data parallel over 2 devices" in (tmp_path / "two" / "train.log").read_text()
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert [(r["epoch"], r["split"]) for r in one] == [(r["epoch"], r["split"]) for r in two]
-    for a, b in zip(one, two):
-        assert a.pop("split") == b.pop("split")
-        assert b == pytest.approx(a, rel=1e-4, abs=1e-4)
+    assert_close(metrics(tmp_path / "two"), metrics(tmp_path / "one"))
 
 
-def test_data_parallel_needs_a_batch_the_devices_divide(tmp_path):
+@pytest.mark.parametrize("setting", ["trainer.batch_size", "eval.batch_size"])
+def test_data_parallel_needs_batches_the_devices_divide(tmp_path, setting):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    result = subprocess.run(["dgm", "train", "dataset=digits", "trainer.batch_size=63", "trainer.data_parallel=true",
+    result = subprocess.run(["dgm", "train", "dataset=digits", f"{setting}=63", "trainer.data_parallel=true",
                              "hydra.run.dir=run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert_one_line_error(result, "trainer.batch_size 63 must be a multiple of 2")
+    assert_one_line_error(result, f"{setting} 63 must be a multiple of 2")
 
 
 def damage(run, how: str) -> None:
@@ -193,3 +199,24 @@ def test_bad_options_of_eval_and_sample(finished_run, tmp_path):
     assert_one_line_error(dgm("sample", str(finished_run), "count=3", cwd=tmp_path), "n=COUNT and seed=INTEGER")
     assert_one_line_error(dgm("eval", str(finished_run), "trainer.epochs=3", cwd=tmp_path), "eval.")
     assert_one_line_error(dgm("train", f"resume={finished_run}", "seed=3", cwd=tmp_path), "takes no other arguments")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_processes_of_a_multi_host_run_train_as_one(tmp_path):
+    # Two "hosts" on this machine, one CPU device each, joined by jax.distributed.
+    args = ["dataset=digits", *QUICK, "trainer.batch_size=64"]
+    multi_host = ["trainer.data_parallel=true", f"distributed.coordinator_address=localhost:{free_port()}",
+                  "distributed.num_processes=2", "hydra.run.dir=multi"]
+    hosts = [subprocess.Popen(["dgm", "train", *args, *multi_host, f"distributed.process_id={index}"], cwd=tmp_path,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for index in (1, 0)]
+    for host in hosts:
+        assert host.wait(timeout=600) == 0, host.stderr.read()
+    assert dgm("train", *args, "hydra.run.dir=single", cwd=tmp_path).returncode == 0
+    assert "data parallel over 2 devices" in (tmp_path / "multi" / "train.log").read_text()
+    assert_close(metrics(tmp_path / "multi"), metrics(tmp_path / "single"))  # written once, by process 0
