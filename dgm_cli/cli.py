@@ -8,6 +8,7 @@ The other commands work on run directories that `dgm train` made.
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -35,10 +36,11 @@ def train_app(cfg) -> dict | None:
         return train.run(cfg, run_dir)
     except Exception as error:
         message = _one_line(error)
-        (run_dir / "FAILED").write_text(message + "\n")
         expected = isinstance(error, (DgmError, OmegaConfBaseException))  # the latter: a bad ${...}
-        if sweeping:  # record it and let the sweep go on; the job's log keeps any traceback
-            log.error("this job failed: %s", message, exc_info=not expected)
+        # The reason on the first line; below it, for a fault of dgm or a library, where it arose.
+        (run_dir / "FAILED").write_text(message + "\n" + ("" if expected else traceback.format_exc()))
+        if sweeping:  # record it and let the sweep go on
+            log.error("this job failed: %s", message)
             return None
         if expected:
             raise SystemExit(f"dgm: error: {message}") from None
@@ -57,7 +59,7 @@ class FailedJobs(Callback):
 
     def on_multirun_end(self, config, **kwargs) -> None:
         for marker in sorted(Path(config.hydra.sweep.dir).glob("*/FAILED")):
-            _failed_jobs.append(f"{marker.parent}: {marker.read_text().strip()}")
+            _failed_jobs.append(f"{marker.parent}: {marker.read_text().splitlines()[0]}")
 
 
 def train(args: list[str]) -> None:
@@ -196,3 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("dgm: interrupted; the checkpoints written so far are kept", file=sys.stderr)
         sys.exit(130)
+    except Exception as error:  # not a bad input that dgm knows: still one line, and where to look
+        if wants_traceback:
+            raise
+        sys.exit(f"dgm: error: {type(error).__name__}: {_one_line(error)} (HYDRA_FULL_ERROR=1 shows the traceback)")

@@ -41,7 +41,7 @@ class Run:
 def load_run(path: Path) -> Run:
     overrides = yaml.safe_load((path / ".hydra" / "overrides.yaml").read_text()) or []
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else None
-    failure = (path / "FAILED").read_text().strip() if (path / "FAILED").is_file() else None
+    failure = (path / "FAILED").read_text().splitlines()[0] if (path / "FAILED").is_file() else None
     curve = []
     if (path / "metrics.jsonl").is_file():
         for line in (path / "metrics.jsonl").read_text().splitlines():
@@ -115,21 +115,26 @@ def markdown(rows: list[dict], shared: set[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(runs: list[Run], path: Path) -> None:
+def plot_curves(runs: list[Run], rows: list[dict], path: Path) -> None:
+    """Every run's validation curve, one colour per configuration (its seeds share it), the
+    configurations in the order of the table."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(8, 5))
     shared = shared_overrides(runs)
+    colours = {row["config"]: f"C{index % 10}" for index, row in enumerate(rows)}
+    figure, axes = plt.subplots(figsize=(8, 5))
+    labelled = set()
     for run in runs:
+        config = run.config(shared)
         if run.curve:
             epochs, losses = zip(*run.curve)
-            seed = next((o for o in run.overrides if o.startswith("seed=")), "")
-            axes.plot(epochs, losses, label=f"{run.config(shared)} {seed}".strip())
+            axes.plot(epochs, losses, color=colours[config], label=None if config in labelled else config)
+            labelled.add(config)
     axes.set(xlabel="epoch", ylabel="validation loss (nats)", title="validation curves")
-    if len(runs) <= 12:
+    if 0 < len(labelled) <= 12:
         axes.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -145,5 +150,5 @@ def report(directory: Path) -> str:
         writer = csv.DictWriter(file, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    plot_curves(runs, directory / "curves.png")
+    plot_curves(runs, rows, directory / "curves.png")
     return text
