@@ -165,9 +165,12 @@ def save_pictures(model, state, test_images, image_shape, key, count: int, run_d
 
 
 def _training_config(cfg) -> dict:
-    """What must not change when a run is resumed: all of its config but the progress bar."""
+    """What must not change when a run is resumed: its config, less what only says where and
+    how it runs (the progress bar, the cache, the hosts of a multi-host run)."""
     config = OmegaConf.to_container(cfg, resolve=True)
     config["trainer"].pop("progress")
+    config.pop("cache_dir")
+    config.pop("distributed")
     return config
 
 

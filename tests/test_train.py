@@ -100,3 +100,15 @@ def test_bad_settings_are_refused_before_training(make_config, tmp_path, overrid
     with pytest.raises(DgmError, match=message):
         train.run(make_config("dataset=digits", *QUICK, override), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_run_resumes_where_it_runs_from_but_not_with_another_config(make_config, tmp_path):
+    first = train.run(make_config("dataset=digits", *QUICK), tmp_path)
+    (tmp_path / "summary.json").unlink()  # as if killed before its end
+    # Another cache directory and a progress bar: where and how it runs, not what it trains.
+    again = train.run(make_config("dataset=digits", *QUICK, f"cache_dir={tmp_path / 'cache'}",
+                                  "trainer.progress=true"), tmp_path)
+    assert again["test_nll"] == first["test_nll"]
+    (tmp_path / "summary.json").unlink()
+    with pytest.raises(DgmError, match="holds checkpoints of another config"):
+        train.run(make_config("dataset=digits", *QUICK, "optimizer.lr=0.01"), tmp_path)
