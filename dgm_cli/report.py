@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from dgm_cli.errors import DgmError
+from dgm_cli.metrics import read_records
 
 COLUMNS = ["config", "runs", "test_nll", "test_nll_std", "best_epoch", "wall_seconds", "train_examples_per_sec", "status"]
 
@@ -42,15 +43,8 @@ def load_run(path: Path) -> Run:
     overrides = yaml.safe_load((path / ".hydra" / "overrides.yaml").read_text()) or []
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else None
     failure = (path / "FAILED").read_text().splitlines()[0] if (path / "FAILED").is_file() else None
-    curve = []
-    if (path / "metrics.jsonl").is_file():
-        for line in (path / "metrics.jsonl").read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a killed run
-                continue
-            if record.get("split") == "validation" and "loss" in record:
-                curve.append((record["epoch"], record["loss"]))
+    curve = [(record["epoch"], record["loss"]) for record in read_records(path / "metrics.jsonl")
+             if record["split"] == "validation" and "loss" in record]
     return Run(path, overrides, summary, failure, curve)
 
 

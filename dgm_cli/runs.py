@@ -27,8 +27,7 @@ def _best_model(run: Path, cfg):
     """The run's model, its state at the best epoch, and the checkpoint's record."""
     if not (run / "checkpoints").is_dir():
         raise DgmError(f"{run} has no checkpoint yet")
-    checkpoints = Checkpoints(run / "checkpoints")
-    with checkpoints:
+    with Checkpoints(run / "checkpoints") as checkpoints:
         latest = checkpoints.latest_epoch()
         if latest is None:
             raise DgmError(f"{run} has no checkpoint yet")
@@ -90,7 +89,7 @@ def sample(args: list[str]) -> None:
     runtime.configure(cfg)
     model, state, spec, _, best_epoch = _best_model(run, cfg)
     # The key the run drew its own samples.png with, for the run's seed.
-    key = jax.random.split(train.Keys.from_seed(options["seed"]).pictures)[0]
+    key, _ = train.Keys.from_seed(options["seed"]).picture_keys()
     path = run / "samples" / f"sample-n{count}-seed{options['seed']}.png"
     pictures.save_grid(path, model.sample(state, key, count), spec.image_shape)
     print(f"{count} samples of epoch {best_epoch}: {path}")

@@ -72,6 +72,11 @@ class Keys(NamedTuple):
     def from_seed(cls, seed: int) -> "Keys":
         return cls(*jax.random.split(jax.random.key(seed), len(cls._fields)))
 
+    def picture_keys(self) -> tuple[jax.Array, jax.Array]:
+        """(samples, reconstructions): the keys of the run's pictures."""
+        samples, reconstructions = jax.random.split(self.pictures)
+        return samples, reconstructions
+
 
 @dataclasses.dataclass
 class History:
@@ -146,10 +151,10 @@ def evaluate_test(model, state, test_data, key, settings, devices) -> dict[str, 
     return {"nll": -float(np.mean(log_p)), **{name: float(value) for name, value in others.items()}}
 
 
-def save_pictures(model, state, test_images, image_shape, key, count: int, run_dir: Path, write: bool) -> None:
+def save_pictures(model, state, test_images, image_shape, keys: Keys, count: int, run_dir: Path, write: bool) -> None:
     """Samples, reconstructions and the model's own pictures. On several hosts every process
     takes part in drawing them, and only the one that `write`s saves them."""
-    samples_key, reconstruction_key = jax.random.split(key)
+    samples_key, reconstruction_key = keys.picture_keys()
     originals = test_images[: count // 2]
     samples, reconstructions, extra = jax.device_get((
         model.sample(state, samples_key, count),
@@ -237,7 +242,7 @@ def run(cfg, run_dir: Path) -> dict:
             log.info("testing epoch %d %s", history.best_epoch, how)
             test = evaluate_test(model, state, splits["test"], keys.test, settings, devices)
             metrics_log.write("test", history.best_epoch, history.best_epoch * steps_per_epoch, test)
-    save_pictures(model, state, data.test, data.image_shape, keys.pictures, settings.num_pictures, run_dir, primary)
+    save_pictures(model, state, data.test, data.image_shape, keys, settings.num_pictures, run_dir, primary)
 
     summary = {
         "model": cfg.model.name,
