@@ -34,18 +34,16 @@ def test_two_epochs_on_digits_fill_the_run_directory(make_config, tmp_path):
         assert picture.shape[1] >= 256 and picture.std() > 0
 
 
-def test_training_lowers_the_loss_and_the_iwae_bound_is_tighter(make_config, tmp_path):
+def test_training_lowers_the_loss_and_the_iwae_bound_trains_a_better_model(make_config, tmp_path):
     overrides = ["dataset=digits", "trainer.progress=false", "trainer.epochs=8", "eval.num_samples=200"]
     elbo = train.run(make_config(*overrides), tmp_path / "elbo")
     iwae = train.run(make_config(*overrides, "model.num_samples=5"), tmp_path / "iwae")
     records = [json.loads(line) for line in (tmp_path / "elbo" / "metrics.jsonl").read_text().splitlines()]
     train_losses = [r["loss"] for r in records if r["split"] == "train"]
     assert train_losses[-1] < train_losses[0] - 5
-    # The IWAE objective is a tighter bound than the ELBO on the same data.
-    iwae_records = [json.loads(line) for line in (tmp_path / "iwae" / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in iwae_records if r["split"] == "train"][-1]
-    assert last["loss"] < last["neg_elbo"]
-    assert iwae["test_nll"] < elbo["test_neg_elbo"]
+    # Trained on the IWAE bound (k = 5), the same network with the same seed and epochs reaches a
+    # better test log-likelihood (Burda et al. 2016): by 0.8 to 1.3 nats for seeds 0 to 4 here.
+    assert iwae["test_nll"] < elbo["test_nll"] - 0.3, (iwae["test_nll"], elbo["test_nll"])
 
 
 def metric_values(run_dir):
@@ -63,11 +61,12 @@ def test_same_seed_same_numbers_other_seed_other_numbers(make_config, tmp_path):
     assert first["true_test_nll"] == other["true_test_nll"]  # the data seed is the data set's own
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "rmsprop"])
-@pytest.mark.parametrize("schedule", ["cosine", "exponential"])
-def test_every_optimizer_and_schedule_trains(make_config, tmp_path, optimizer, schedule):
-    summary = train.run(make_config("dataset=digits", f"optimizer={optimizer}", f"schedule={schedule}", *QUICK), tmp_path)
-    assert np.isfinite(summary["test_nll"])
+@pytest.mark.parametrize("count", [1, 3])
+def test_a_run_with_fewer_pictures_than_a_row(make_config, tmp_path, count):
+    """One picture leaves no test image to reconstruct (the runner shows count // 2 of them)."""
+    train.run(make_config("model=loglinear", "dataset=bars", *QUICK, f"trainer.num_pictures={count}"), tmp_path)
+    for name in ("samples.png", "reconstructions.png", "components.png"):
+        assert Image.open(tmp_path / "samples" / name).size[0] >= 256
 
 
 def test_divergence_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(make_config, tmp_path):
