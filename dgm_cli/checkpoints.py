@@ -55,8 +55,12 @@ class Checkpoints:
         return self._restore(epoch, record=ocp.args.JsonRestore())["record"]
 
     def restore(self, epoch: int, like):
-        """The state saved at `epoch`, in the structure of `like` (a state or its eval_shape)."""
-        template = _flat(like)
+        """The state saved at `epoch`, in the structure of `like` (a state or its eval_shape),
+        placed as `like`'s arrays are, or on this process's first device: never where the saving
+        processes had it, so that one process can read what several hosts wrote."""
+        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        template = {key: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None) or default)
+                    for key, leaf in _flat(like).items()}
         flat = self._restore(epoch, state=ocp.args.StandardRestore(template))["state"]
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), [flat[key] for key in template])
 

@@ -6,6 +6,7 @@ The other commands work on run directories that `dgm train` made.
 """
 
 import logging
+from importlib import resources
 import os
 import sys
 import traceback
@@ -16,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dgm_cli.errors import DgmError
@@ -27,11 +29,31 @@ _failed_jobs: list[str] = []  # filled by FailedJobs at the end of a sweep, read
 
 @hydra.main(config_path=CONFIGS, config_name="train", version_base="1.3")
 def train_app(cfg) -> dict | None:
-    from dgm_cli import train  # heavy imports (JAX, TFDS) only once a job runs
+    from dgm_cli import rundir, train  # heavy imports (JAX, TFDS) only once a job runs
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     _quiet_libraries()  # again: Hydra has just configured logging for the job
-    sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
+    sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    if not _writes_the_run(cfg):  # another host's process of a multi-host run: process 0 writes
+        _stop_logging_to_files()
+        return train.run(cfg, run_dir)
+    try:
+        with rundir.claim_for_training(run_dir, cfg, hydra_cfg) as finished:
+            if finished:
+                print(f"dgm: {run_dir} has finished already; nothing to do")
+                return finished
+            return _train_or_record_failure(train, cfg, run_dir, sweeping)
+    except rundir.RunRefused as error:  # the run stays exactly as it was: no FAILED, nothing logged
+        if not sweeping:
+            raise SystemExit(f"dgm: error: {error}") from None
+        print(f"dgm: error: this job was refused: {error}", file=sys.stderr)
+        _failed_jobs.append(f"{run_dir}: {error}")
+        return None
+
+
+def _train_or_record_failure(train, cfg, run_dir: Path, sweeping: bool):
+    (run_dir / "FAILED").unlink(missing_ok=True)  # a failure this run may now make good
     try:
         return train.run(cfg, run_dir)
     except Exception as error:
@@ -42,9 +64,29 @@ def train_app(cfg) -> dict | None:
         if sweeping:  # record it and let the sweep go on
             log.error("this job failed: %s", message)
             return None
+        _log_to_files(f"dgm: error: {message}")  # the terminal gets it once, from `main`
         if expected:
             raise SystemExit(f"dgm: error: {message}") from None
         raise
+
+
+def _writes_the_run(cfg) -> bool:
+    """Of the processes of a multi-host run, process 0 alone writes the run directory."""
+    return not cfg.distributed.coordinator_address or cfg.distributed.process_id == 0
+
+
+def _stop_logging_to_files() -> None:
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _log_to_files(message: str) -> None:
+    record = logging.LogRecord(__name__, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _quiet_libraries() -> None:
@@ -63,27 +105,34 @@ class FailedJobs(Callback):
 
 
 def train(args: list[str]) -> None:
-    sys.argv = ["dgm train", *_train_arguments(args)]
+    # dgm writes .hydra/ itself, once the run directory is known to be free and its own.
+    sys.argv = ["dgm train", *_train_arguments(args), "hydra.output_subdir=null"]
     train_app()
     if _failed_jobs:
         raise DgmError(f"{len(_failed_jobs)} job(s) of the sweep failed, the others ran: " + "; ".join(_failed_jobs))
+
+
+# What may differ when a run goes on: where and how it runs, not what it trains.
+RESUME_OVERRIDES = ("distributed.", "trainer.progress=", "cache_dir=")
 
 
 def _train_arguments(args: list[str]) -> list[str]:
     """The user's arguments for Hydra: `resume=RUN` spelled out, --config-path made absolute."""
     resume = [arg for arg in args if arg.startswith("resume=")]
     if resume:
-        if len(args) > 1:
-            raise DgmError("resume=RUN takes no other arguments: a resumed run keeps its own config")
+        others = [arg for arg in args if arg not in resume]
+        refused = [arg for arg in others if not arg.startswith(RESUME_OVERRIDES)]
+        if refused or len(resume) > 1:
+            raise DgmError(f"resume=RUN takes no {' '.join(refused or resume)}: a resumed run keeps its own config "
+                           f"(it takes only {', '.join(a + '…' for a in RESUME_OVERRIDES)})")
         from dgm_cli.runs import run_directory
 
         run = run_directory(resume[0].split("=", 1)[1]).absolute()
         if (run / "summary.json").is_file():
             print(f"dgm: {run} has finished; nothing to resume")
             sys.exit(0)
-        # The run's own config, its own directory, and its .hydra/ left as it was.
         return ["--config-path", str(run / ".hydra"), "--config-name", "config",
-                f"hydra.run.dir='{run}'", "hydra.output_subdir=null", "hydra.job.name=train"]
+                f"hydra.run.dir='{run}'", "hydra.job.name=train", *others]
     return _absolute_config_path(args)
 
 
@@ -105,9 +154,39 @@ def rerun(args: list[str]) -> None:
         raise DgmError("usage: dgm rerun RUN [overrides]")
     from dgm_cli.runs import run_directory
 
-    run = run_directory(args[0])
-    train(["--config-path", str(run / ".hydra"), "--config-name", "config", "hydra.job.name=train",
-           "hydra.run.dir=outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}-${model.name}", *args[1:]])
+    run, overrides = run_directory(args[0]), args[1:]
+    new_run_dir = f"hydra.run.dir={_default_run_dir()}"  # the saved config has no hydra node
+    groups = [override for override in overrides if _is_group_override(override)]
+    if not groups:  # the saved config itself: the run exactly, whatever the package's configs say today
+        train(["--config-path", str(run / ".hydra"), "--config-name", "config", "hydra.job.name=train",
+               new_run_dir, *overrides])
+        return
+    # A config group is chosen in a defaults list, which only the package's configs have: replay
+    # the run's own overrides on them, provided that they still compose the run's saved config.
+    from hydra import compose, initialize_config_module
+
+    from dgm_cli import rundir
+
+    saved_overrides = list(OmegaConf.load(run / ".hydra" / "overrides.yaml"))
+    with initialize_config_module("dgm_cli.configs", version_base="1.3"):
+        composed = compose("train", overrides=saved_overrides)
+    changed = rundir.differences(rundir.training_config(rundir.saved_config(run)), rundir.training_config(composed))
+    if changed:
+        raise DgmError(f"dgm rerun cannot apply {' '.join(groups)}: {run}'s overrides no longer compose its saved "
+                       f"config ({changed[0]}); start it afresh with dgm train {' '.join(saved_overrides)} "
+                       f"{' '.join(overrides)}")
+    train([new_run_dir, *saved_overrides, *overrides])
+
+
+def _is_group_override(override: str) -> bool:
+    """`optimizer=sgd`, `+experiment=x`, `~schedule`, `hydra/launcher=…`: a config group, not a value."""
+    key = override.lstrip("+~").split("=", 1)[0]
+    return "/" in key or (resources.files("dgm_cli.configs") / key).is_dir()
+
+
+def _default_run_dir() -> str:
+    config = OmegaConf.load(resources.files("dgm_cli.configs") / "train.yaml")
+    return OmegaConf.to_container(config)["hydra"]["run"]["dir"]  # unresolved: ${now:…} stays
 
 
 def evaluate(args: list[str]) -> None:
@@ -187,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     # Hydra prints its own multi-line report of a bad config unless asked to raise; we raise and
     # turn it into one line, keeping the full traceback for those who set HYDRA_FULL_ERROR=1.
     wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    logging.raiseExceptions = False  # a closed pipe (`| head`) must not make every log line a traceback
     _quiet_libraries()
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
@@ -198,6 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("dgm: interrupted; the checkpoints written so far are kept", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `dgm … | head` has read all it wants: stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        sys.exit(141)
     except Exception as error:  # not a bad input that dgm knows: still one line, and where to look
         if wants_traceback:
             raise

@@ -54,6 +54,14 @@ class Data:
         num_classes = int(self.labels["train"].max()) + 1 if self.labels else None
         return Spec(len(self.train), self.image_shape, num_classes)
 
+    def fingerprint(self) -> str:
+        """A digest of every array: a run goes on only with the data it began with."""
+        digest = hashlib.blake2b(digest_size=16)
+        for array in (self.train, self.validation, self.test, *(self.labels or {}).values()):
+            digest.update(str(array.shape).encode())
+            digest.update(np.ascontiguousarray(array).data)
+        return digest.hexdigest()
+
     def batches(self) -> dict[str, dict[str, np.ndarray]]:
         """split -> {"x": pixels, "labels": labels if known}, the form models take batches in."""
         return {

@@ -17,6 +17,12 @@ def positive_int(value, name: str) -> int:
     return value
 
 
+def integer(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DgmError(f"{name} must be an integer, got {value!r}")
+    return value
+
+
 def positive_ints(values, name: str) -> list[int]:
     """A list of positive integers, such as layer sizes (possibly empty)."""
     if isinstance(values, (str, int, float)) or values is None:

@@ -2,6 +2,7 @@
 and `summary.json`, which is written last and atomically, so its presence marks a finished run."""
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -54,6 +55,32 @@ class MetricsLog:
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+EVALUATIONS = "evaluations.jsonl"
+
+
+def append_evaluation(run_dir: Path, evaluation: dict) -> None:
+    """Keep a test evaluation of the run (every one is kept: a figure is never lost)."""
+    with open(run_dir / EVALUATIONS, "a") as file:
+        file.write(json.dumps(evaluation) + "\n")
+
+
+def read_evaluations(run_dir: Path) -> list[dict]:
+    return read_records(run_dir / EVALUATIONS)
+
+
+def best_measured(evaluations: list[dict], epoch: int) -> dict:
+    """Of the evaluations of `epoch`, the best measured: exact, else the most importance
+    samples; the latest among equals."""
+    of_epoch = [evaluation for evaluation in evaluations if evaluation["epoch"] == epoch]
+    return max(reversed(of_epoch), key=lambda evaluation: evaluation["num_samples"] or math.inf)
+
+
+def headline_figures(evaluation: dict) -> dict:
+    """The keys of summary.json that an evaluation sets."""
+    return {"test_nll": evaluation["nll"], "test_nll_samples": evaluation["num_samples"],
+            "test_nll_seed": evaluation["seed"], "test_neg_elbo": evaluation["neg_elbo"]}
 
 
 def write_atomically(path: Path, text: str) -> None:

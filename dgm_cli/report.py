@@ -18,7 +18,7 @@ import yaml
 from dgm_cli.errors import DgmError
 from dgm_cli.metrics import read_records
 
-COLUMNS = ["config", "runs", "test_nll", "test_nll_std", "best_epoch", "wall_seconds", "train_examples_per_sec", "status"]
+COLUMNS = ["config", "runs", "test_nll", "test_nll_std", "test_nll_samples", "best_epoch", "wall_seconds", "train_examples_per_sec", "status"]
 
 
 @dataclass
@@ -57,6 +57,14 @@ def find_runs(directory: Path) -> list[Run]:
     return [load_run(path) for path in paths]
 
 
+def _sample_counts(counts: list[int]) -> str | None:
+    """How the NLL was measured: "exact", "5000 samples", or every count where runs differ."""
+    if not counts:
+        return None
+    return ", ".join("exact" if count == 0 else str(count) for count in sorted(set(counts))) + (
+        "" if set(counts) == {0} else " samples")
+
+
 def _mean_std(values):
     if not values:
         return None, None
@@ -83,6 +91,7 @@ def table(runs: list[Run]) -> list[dict]:
             "runs": len(members),
             "test_nll": nll,
             "test_nll_std": nll_std,
+            "test_nll_samples": _sample_counts([s["test_nll_samples"] for s in finished]),
             "best_epoch": _mean_std([s["best_epoch"] for s in finished])[0],
             "wall_seconds": _mean_std([s["wall_seconds"] for s in finished])[0],
             "train_examples_per_sec": _mean_std([s["train_examples_per_sec"] for s in finished])[0],
@@ -96,7 +105,7 @@ def _format(row: dict) -> list[str]:
         return "–" if value is None else f"{value:,.{digits}f}"
 
     nll = "–" if row["test_nll"] is None else f"{row['test_nll']:.2f}" + (
-        f" ± {row['test_nll_std']:.2f}" if row["runs"] > 1 else "")
+        f" ± {row['test_nll_std']:.2f}" if row["runs"] > 1 else "") + f" ({row['test_nll_samples']})"
     return [row["config"], str(row["runs"]), nll, number(row["best_epoch"], 0), number(row["wall_seconds"], 0),
             number(row["train_examples_per_sec"], 0), row["status"]]
 

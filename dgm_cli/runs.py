@@ -8,7 +8,7 @@ import jax
 from omegaconf import OmegaConf
 
 from dgm_cli import data as data_lib
-from dgm_cli import pictures, runtime, train
+from dgm_cli import metrics, pictures, rundir, runtime, train
 from dgm_cli.checkpoints import Checkpoints
 from dgm_cli.errors import DgmError, positive_int
 from dgm_cli.metrics import write_json_atomically
@@ -41,55 +41,105 @@ def _best_model(run: Path, cfg):
 
 
 def _config(run: Path, overrides: list[str], allowed: tuple[str, ...]):
+    """The run's saved config with `overrides`, on this machine alone: a run trained on several
+    hosts is evaluated by one process, which must not wait for the others to join it."""
     for override in overrides:
         if "=" not in override or not override.startswith(allowed):
             raise DgmError(f"{override!r}: this command takes {', '.join(a + '…' for a in allowed)} overrides only")
-    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    cfg = OmegaConf.merge(OmegaConf.load(run / ".hydra" / "config.yaml"), OmegaConf.from_dotlist(overrides))
+    cfg.distributed.coordinator_address = None
+    return cfg
+
+
+def _options(args: list[str], options: dict, usage: str) -> tuple[dict, list[str]]:
+    """`name=value` options of a command (`options`: their defaults), and the other arguments."""
+    rest = []
+    for arg in args:
+        name, _, value = arg.partition("=")
+        if name not in options:
+            rest.append(arg)
+        elif isinstance(options[name], bool) and value in ("true", "false"):
+            options[name] = value == "true"
+        elif not isinstance(options[name], bool) and value.lstrip("-").isdigit():
+            options[name] = int(value)
+        else:
+            raise DgmError(f"{arg!r}: {usage}")
+    return options, rest
+
+
+EVAL_USAGE = """usage: dgm eval RUN [eval.num_samples=N] [eval.batch_size=B] [eval.sample_batch=S] [seed=S] [headline=true]
+
+Measures the run's best epoch on the test set again, from its saved config and checkpoint.
+Every evaluation is kept in RUN/evaluations.jsonl; summary.json reports the best measured one
+(exact, or the most importance samples), or this one with headline=true.
+"""
+
+SAMPLE_USAGE = """usage: dgm sample RUN [n=64] [seed=S]
+
+Draws n samples from the run's best model into RUN/samples/sample-nN-seedS.png.
+"""
 
 
 def evaluate(args: list[str]) -> None:
-    """dgm eval RUN [eval.num_samples=N ...]: the test figures again; summary.json updated."""
+    """dgm eval RUN [eval.…=…] [seed=S] [headline=true]: the test figures again, kept in the run."""
+    if args[:1] in (["--help"], ["-h"]):
+        print(EVAL_USAGE, end="")
+        return
     if not args:
-        raise DgmError("usage: dgm eval RUN [eval.num_samples=N]")
+        raise DgmError(EVAL_USAGE.splitlines()[0])
     run = run_directory(args[0])
-    cfg = _config(run, args[1:], ("eval.",))
-    cache_dir = runtime.configure(cfg)
-    model, state, spec, settings, best_epoch = _best_model(run, cfg)
-    data = data_lib.load(cfg.dataset, cache_dir and cache_dir / "data")
-    devices = runtime.Devices(data_parallel=False)
-    test = train.evaluate_test(model, state, devices.put(data.batches()["test"]), train.Keys.from_seed(cfg.seed).test,
-                               settings, devices)
-    samples = 0 if model.exact_likelihood else settings.num_samples
-    print(f"{run}: epoch {best_epoch}, test NLL {test['nll']:.4f} nats ({samples or 'exact, no'} samples), "
-          f"test neg-ELBO {test['neg_elbo']:.4f}")
-    summary_path = run / "summary.json"
-    if summary_path.is_file():
-        summary = OmegaConf.to_container(OmegaConf.load(summary_path))
-        summary.update(test_nll=test["nll"], test_nll_samples=samples, test_neg_elbo=test["neg_elbo"])
-        write_json_atomically(summary_path, summary)
-        print(f"updated {summary_path}")
-    else:
-        print(f"{run} has not finished, so it has no summary.json to update")
+    saved = OmegaConf.load(run / ".hydra" / "config.yaml")
+    options, overrides = _options(args[1:], {"seed": saved.seed, "headline": False},
+                                  "dgm eval takes seed=INTEGER and headline=true|false")
+    cfg = _config(run, overrides, ("eval.",))
+    with rundir.exclusive(run, "dgm eval"):
+        cache_dir = runtime.configure(cfg)
+        model, state, spec, settings, best_epoch = _best_model(run, cfg)
+        data = data_lib.load(cfg.dataset, cache_dir and cache_dir / "data")
+        devices = runtime.Devices(data_parallel=False)
+        test, evaluation = train.test_evaluation(model, state, data.batches()["test"], options["seed"], best_epoch,
+                                                 settings, devices, "dgm eval")
+        samples = evaluation["num_samples"]
+        print(f"{run}: epoch {best_epoch}, test NLL {test['nll']:.4f} nats ({samples or 'exact, no'} samples, "
+              f"seed {options['seed']}), test neg-ELBO {test['neg_elbo']:.4f}")
+        summary = rundir.summary(run)
+        # A run from before evaluations were kept: its summary's figure is the first of them.
+        evaluations = metrics.read_evaluations(run) or ([_evaluation_of(summary)] if summary else [])
+        metrics.append_evaluation(run, evaluation)
+        if summary is None:
+            print(f"kept in {run / metrics.EVALUATIONS}; {run} has not finished, so it has no summary.json")
+            return
+        headline = evaluation if options["headline"] else metrics.best_measured([*evaluations, evaluation], best_epoch)
+        summary.update(metrics.headline_figures(headline))
+        write_json_atomically(run / "summary.json", summary)
+        how = f"{headline['num_samples']} samples" if headline["num_samples"] else "exact"
+        print(f"kept in {run / metrics.EVALUATIONS}; summary.json reports test NLL {headline['nll']:.4f} ({how})")
+
+
+def _evaluation_of(summary: dict) -> dict:
+    return {"epoch": summary["best_epoch"], "num_samples": summary["test_nll_samples"],
+            "seed": summary.get("test_nll_seed"), "nll": summary["test_nll"], "neg_elbo": summary["test_neg_elbo"],
+            "command": "dgm train"}
 
 
 def sample(args: list[str]) -> None:
     """dgm sample RUN [n=64] [seed=S]: a PNG grid of samples from the run's best model."""
+    if args[:1] in (["--help"], ["-h"]):
+        print(SAMPLE_USAGE, end="")
+        return
     if not args:
-        raise DgmError("usage: dgm sample RUN [n=64] [seed=S]")
+        raise DgmError(SAMPLE_USAGE.splitlines()[0])
     run = run_directory(args[0])
-    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
-    options = {"n": 64, "seed": cfg.seed}
-    for arg in args[1:]:
-        name, _, value = arg.partition("=")
-        if name not in options or not value.lstrip("-").isdigit():
-            raise DgmError(f"{arg!r}: dgm sample takes n=COUNT and seed=INTEGER")
-        options[name] = int(value)
+    cfg = _config(run, [], ())
+    options, rest = _options(args[1:], {"n": 64, "seed": cfg.seed}, "dgm sample takes n=COUNT and seed=INTEGER")
+    if rest:
+        raise DgmError(f"{rest[0]!r}: dgm sample takes n=COUNT and seed=INTEGER")
     count = positive_int(options["n"], "n")
-    runtime.configure(cfg)
-    model, state, spec, _, best_epoch = _best_model(run, cfg)
-    # The key the run drew its own samples.png with, for the run's seed.
-    key, _ = train.Keys.from_seed(options["seed"]).picture_keys()
-    path = run / "samples" / f"sample-n{count}-seed{options['seed']}.png"
-    pictures.save_grid(path, model.sample(state, key, count), spec.image_shape)
+    with rundir.exclusive(run, "dgm sample"):
+        runtime.configure(cfg)
+        model, state, spec, _, best_epoch = _best_model(run, cfg)
+        # The key the run drew its own samples.png with, for the run's seed.
+        key, _ = train.Keys.from_seed(options["seed"]).picture_keys()
+        path = run / "samples" / f"sample-n{count}-seed{options['seed']}.png"
+        pictures.save_grid(path, model.sample(state, key, count), spec.image_shape)
     print(f"{count} samples of epoch {best_epoch}: {path}")

@@ -61,6 +61,15 @@ class Devices:
         """Arrays onto the device, or replicated onto every device of the mesh."""
         return jax.device_put(tree, self._replicated if self.parallel else None)
 
+    def round_up(self, batch_size: int) -> int:
+        """The least multiple of the device count from `batch_size` up: a batch they can split."""
+        count = jax.device_count() if self.parallel else 1
+        return -(-batch_size // count) * count
+
+    def gather(self, array):
+        """Inside a jitted step: the whole array on every device (and so on every host)."""
+        return jax.lax.with_sharding_constraint(array, self._replicated) if self.parallel else array
+
     def spread(self, batch):
         """Inside a jitted step: split the batch's leading axis over the mesh."""
         return jax.lax.with_sharding_constraint(batch, self._split) if self.parallel else batch

@@ -6,12 +6,16 @@ permutes the examples on the device and scans over the batches, so nothing retur
 between steps.
 """
 
+import logging
 import math
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 
 def _float_pixels(batch: dict) -> dict:
@@ -91,13 +95,42 @@ def make_log_likelihood(model, num_samples: int, sample_batch: int):
     return log_likelihood, max(1, sample_batch // chunk)
 
 
-def log_likelihoods(model, state, x, key, num_samples: int, sample_batch: int, progress: bool):
-    """[N] log p(x) of every example of x [N, D], one jitted call per batch, behind a progress bar."""
+CALLS = 20  # jitted calls of the test pass: few, yet enough to report progress between them
+LOG_EVERY_SECONDS = 30.0
+
+
+def log_likelihoods(model, state, x: np.ndarray, key, num_samples: int, sample_batch: int, devices, progress: bool):
+    """[N] log p(x) of every example of x [N, D] (on the host), in at most `CALLS` jitted calls,
+    each a `lax.map` over batches of examples split over `devices`; the progress goes to a bar
+    on a terminal and to the log every half minute, so that it shows under nohup and Slurm too."""
     log_likelihood, batch_size = make_log_likelihood(model, num_samples, sample_batch)
-    batches = batched(x, batch_size)
-    keys = jax.random.split(key, len(batches))
-    results = []
-    for batch, batch_key in tqdm(zip(batches, keys), total=len(batches), desc="test log-likelihood",
-                                 leave=False, disable=None if progress else True):
-        results.append(np.asarray(log_likelihood(state, batch, batch_key)))
-    return np.concatenate(results)[: x.shape[0]]
+    batch_size = devices.round_up(batch_size)
+    size = x.shape[0]
+    batches = -(-size // batch_size)
+    keys = jax.random.split(key, batches)  # one per batch, however the batches are grouped
+    per_call = -(-batches // CALLS)
+    calls = -(-batches // per_call)
+    padded = calls * per_call * batch_size  # the padding examples are computed and dropped
+    x = np.pad(x, [(0, padded - size), (0, 0)]).reshape(calls, per_call, batch_size, -1)
+    keys = jnp.concatenate([keys, keys[: calls * per_call - batches]]).reshape(calls, per_call)
+
+    @jax.jit
+    def some_batches(state, x, keys):  # x [per_call, B, D], keys [per_call] -> [per_call, B]
+        return jax.lax.map(lambda args: devices.gather(log_likelihood(state, devices.spread(args[0]), args[1])),
+                           (x, keys))
+
+    results, started, logged = [], time.perf_counter(), time.perf_counter()
+    for call in tqdm(range(calls), desc="test log-likelihood", leave=False, disable=None if progress else True):
+        results.append(np.asarray(some_batches(state, devices.put(x[call]), keys[call])).reshape(-1))
+        now = time.perf_counter()
+        if now - logged >= LOG_EVERY_SECONDS and call + 1 < calls:
+            done = (call + 1) / calls
+            log.info("test log-likelihood: %d%% after %s, about %s left", round(100 * done),
+                     _duration(now - started), _duration((now - started) * (1 - done) / done))
+            logged = now
+    return np.concatenate(results)[:size]
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"

@@ -23,10 +23,11 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dgm_cli import data as data_lib
-from dgm_cli import models, optim, pictures, runtime, steps
+from dgm_cli import metrics, models, optim, pictures, runtime, steps
 from dgm_cli.checkpoints import Checkpoints
-from dgm_cli.errors import DgmError, positive_int
+from dgm_cli.errors import DgmError, integer, positive_int
 from dgm_cli.metrics import MetricsLog, write_json_atomically
+from dgm_cli.rundir import training_config
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Settings:
 
     @classmethod
     def from_config(cls, cfg) -> "Settings":
+        integer(cfg.seed, "seed")  # checked here, before any work, though `Keys` takes it
         batch_size = cfg.trainer.batch_size
         return cls(
             epochs=positive_int(cfg.trainer.epochs, "trainer.epochs"),
@@ -69,8 +71,8 @@ class Keys(NamedTuple):
     pictures: jax.Array
 
     @classmethod
-    def from_seed(cls, seed: int) -> "Keys":
-        return cls(*jax.random.split(jax.random.key(seed), len(cls._fields)))
+    def from_seed(cls, seed) -> "Keys":
+        return cls(*jax.random.split(jax.random.key(integer(seed, "seed")), len(cls._fields)))
 
     def picture_keys(self) -> tuple[jax.Array, jax.Array]:
         """(samples, reconstructions): the keys of the run's pictures."""
@@ -143,19 +145,38 @@ def train_epochs(model, train_epoch, state, history, splits, keys, settings, dev
     return state
 
 
-def evaluate_test(model, state, test_data, key, settings, devices) -> dict[str, float]:
-    """Test log-likelihood (importance sampled unless exact) and the other test metrics."""
+def evaluate_test(model, state, test_data: dict, key, settings, devices) -> dict[str, float]:
+    """Test log-likelihood (importance sampled unless exact) and the other test metrics, of the
+    test split as the host holds it ({"x": [N, D] uint8, "labels"?: [N]})."""
     log_p = steps.log_likelihoods(model, state, test_data["x"], key, settings.num_samples,
-                                  settings.sample_batch, settings.progress)
-    others = steps.make_evaluate(model, settings.eval_batch_size, devices)(state, test_data, key)
+                                  settings.sample_batch, devices, settings.progress)
+    others = steps.make_evaluate(model, settings.eval_batch_size, devices)(state, devices.put(test_data), key)
     return {"nll": -float(np.mean(log_p)), **{name: float(value) for name, value in others.items()}}
+
+
+def test_evaluation(model, state, test_data: dict, seed, epoch: int, settings, devices, command: str):
+    """The test figures of `epoch`'s parameters, and the same as a record of `evaluations.jsonl`,
+    which adds how they were measured (the sample count, 0 when exact, and the seed) and when."""
+    how = "exactly" if model.exact_likelihood else f"with {settings.num_samples} importance samples per example"
+    log.info("testing epoch %d %s", epoch, how)
+    started = time.perf_counter()
+    test = evaluate_test(model, state, test_data, Keys.from_seed(seed).test, settings, devices)
+    return test, {"epoch": epoch, "num_samples": 0 if model.exact_likelihood else settings.num_samples,
+                  "seed": seed, **test, "seconds": time.perf_counter() - started, "command": command,
+                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def describe_devices(devices) -> list[str]:
+    """The devices a run computes on, as a person names them: ["cpu"], ["NVIDIA H100 80GB HBM3"] …"""
+    used = jax.devices() if devices.parallel else jax.devices()[:1]
+    return [device.device_kind for device in used]
 
 
 def save_pictures(model, state, test_images, image_shape, keys: Keys, count: int, run_dir: Path, write: bool) -> None:
     """Samples, reconstructions and the model's own pictures. On several hosts every process
     takes part in drawing them, and only the one that `write`s saves them."""
     samples_key, reconstruction_key = keys.picture_keys()
-    originals = test_images[: count // 2]
+    originals = test_images[: max(1, count // 2)]
     samples, reconstructions, extra = jax.device_get((
         model.sample(state, samples_key, count),
         model.reconstruct(state, jnp.asarray(originals, jnp.float32), reconstruction_key),
@@ -169,27 +190,21 @@ def save_pictures(model, state, test_images, image_shape, keys: Keys, count: int
         pictures.save_grid(run_dir / "samples" / f"{name}.png", images[:count], image_shape)
 
 
-def _training_config(cfg) -> dict:
-    """What must not change when a run is resumed: its config, less what only says where and
-    how it runs (the progress bar, the cache, the hosts of a multi-host run)."""
-    config = OmegaConf.to_container(cfg, resolve=True)
-    config["trainer"].pop("progress")
-    config.pop("cache_dir")
-    config.pop("distributed")
-    return config
-
-
-def _resume(checkpoints: Checkpoints, cfg, like):
-    """(state, History) from the run's latest checkpoint, or None for a fresh run."""
+def _resume(checkpoints: Checkpoints, record: dict, like):
+    """(state, History) from the run's latest checkpoint, or None for a fresh run. `record`:
+    what this run would save, to check that the checkpoints are of the same config and data."""
     epoch = checkpoints.latest_epoch()
     if epoch is None:
         return None
-    record = checkpoints.record(epoch)
-    if record["config"] != _training_config(cfg):
+    saved = checkpoints.record(epoch)
+    if saved["config"] != record["config"]:
         raise DgmError(f"{checkpoints.directory} holds checkpoints of another config; resume it "
                        f"with `dgm train resume={checkpoints.directory.parent}`, or choose a new hydra.run.dir")
+    if saved.get("data_fingerprint", record["data_fingerprint"]) != record["data_fingerprint"]:
+        raise DgmError(f"the data of {record['config']['dataset']['name']} changed since the checkpoint of epoch "
+                       f"{epoch} in {checkpoints.directory}; a run goes on only with the data it began with")
     log.info("resuming from the checkpoint of epoch %d", epoch)
-    return checkpoints.restore(epoch, like), History(**record["history"])
+    return checkpoints.restore(epoch, like), History(**saved["history"])
 
 
 _process_started = psutil.Process().create_time()  # the first run's start-up counts the imports
@@ -201,8 +216,7 @@ def run(cfg, run_dir: Path) -> dict:
     global _process_started
     started_at, _process_started = _process_started or time.time(), None
     started = time.perf_counter()
-    if (run_dir / "summary.json").is_file():
-        log.info("%s has finished already; nothing to do", run_dir)
+    if (run_dir / "summary.json").is_file():  # finished already: nothing to do
         return OmegaConf.to_container(OmegaConf.load(run_dir / "summary.json"))
     cache_dir = runtime.configure(cfg)
     settings = Settings.from_config(cfg)
@@ -219,15 +233,18 @@ def run(cfg, run_dir: Path) -> dict:
              cfg.model.name, cfg.dataset.name, len(data.train), len(data.validation), len(data.test),
              data.dim, steps_per_epoch)
 
+    device_names = describe_devices(devices)
+    log.info("computing on %d device(s): %s", len(device_names), ", ".join(device_names))
+
     primary = jax.process_index() == 0  # of several hosts, one writes the run's files
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "FAILED").unlink(missing_ok=True)  # a failure this run may now make good
     keys = Keys.from_seed(cfg.seed)
     splits = devices.put(data.batches())
-    record = {"config": _training_config(cfg), "spec": dataclasses.asdict(data.spec)}
+    record = {"config": training_config(cfg), "spec": dataclasses.asdict(data.spec),
+              "data_fingerprint": data.fingerprint()}
     with Checkpoints(run_dir / "checkpoints") as checkpoints:
         state = jax.jit(model.init)(keys.init)
-        state, history = _resume(checkpoints, cfg, like=state) or (state, History())
+        state, history = _resume(checkpoints, record, like=state) or (state, History())
         state = devices.put(state)
         # Compiled ahead, so that no epoch's time includes compiling.
         train_epoch = steps.make_train_epoch(model, settings.batch_size, devices).lower(
@@ -238,24 +255,24 @@ def run(cfg, run_dir: Path) -> dict:
             state = train_epochs(model, train_epoch, state, history, splits, keys, settings, devices,
                                  checkpoints, metrics_log, record)
             state = checkpoints.restore(history.best_epoch, like=state)
-            how = "exactly" if model.exact_likelihood else f"with {settings.num_samples} importance samples per example"
-            log.info("testing epoch %d %s", history.best_epoch, how)
-            test = evaluate_test(model, state, splits["test"], keys.test, settings, devices)
+            test, evaluation = test_evaluation(model, state, data.batches()["test"], cfg.seed, history.best_epoch,
+                                               settings, devices, "dgm train")
             metrics_log.write("test", history.best_epoch, history.best_epoch * steps_per_epoch, test)
+    if primary:
+        metrics.append_evaluation(run_dir, evaluation)
     save_pictures(model, state, data.test, data.image_shape, keys, settings.num_pictures, run_dir, primary)
 
     summary = {
         "model": cfg.model.name,
         "dataset": cfg.dataset.name,
-        "test_nll": test["nll"],
-        "test_nll_samples": 0 if model.exact_likelihood else settings.num_samples,
-        "test_neg_elbo": test["neg_elbo"],
+        **metrics.headline_figures(evaluation),
         "best_epoch": history.best_epoch,
         f"best_validation_{model.selection_metric}": history.best_value,
         "epochs": settings.epochs,
         "train_examples_per_sec": statistics.median(history.examples_per_sec[1:] or history.examples_per_sec),
         "wall_seconds": time.perf_counter() - started,
         "startup_seconds": record.get("startup_seconds"),
+        "devices": device_names,
     }
     if data.true_test_nll is not None:
         summary["true_test_nll"] = data.true_test_nll

@@ -21,3 +21,14 @@ def make_config():
             return compose("train", overrides=list(overrides))
 
     return make
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished run on digits, for the commands that work on one (which must not change it)."""
+    from tests.test_cli import dgm
+
+    cwd = tmp_path_factory.mktemp("finished")
+    result = dgm("train", "dataset=digits", *QUICK, "hydra.run.dir=run", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return cwd / "run"

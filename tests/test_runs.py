@@ -39,15 +39,6 @@ def summary(run_dir) -> dict:
     return {k: v for k, v in json.loads((run_dir / "summary.json").read_text()).items() if k not in TIMING}
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """A finished run on digits, for the commands that work on one (which must not change it)."""
-    cwd = tmp_path_factory.mktemp("finished")
-    result = dgm("train", "dataset=digits", *QUICK, "hydra.run.dir=run", cwd=cwd)
-    assert result.returncode == 0, result.stderr
-    return cwd / "run"
-
-
 def test_a_2x2_sweep_and_its_report(tmp_path):
     result = dgm("train", "-m", "dataset=digits", "optimizer.lr=1e-3,3e-3", "seed=0,1", *QUICK,
                  "hydra.sweep.dir=sweep", cwd=tmp_path)
@@ -90,10 +81,14 @@ def test_a_rerun_of_the_saved_config_repeats_every_metric(finished_run, tmp_path
         assert summary(tmp_path / copy) == summary(finished_run)
 
 
-def test_a_run_killed_mid_epoch_resumes_to_the_same_end(tmp_path):
+@pytest.mark.parametrize("model_args", [
+    ["model=vae", "model.hidden=[200]"],
+    ["model=wakesleep", "model.layers=[200]"],
+    ["model=loglinear", "model.num_components=200", "trainer.epochs=10"],  # EM: an epoch is an iteration
+], ids=["vae", "wakesleep", "loglinear"])
+def test_a_run_killed_mid_epoch_resumes_to_the_same_end(tmp_path, model_args):
     # binarized_mnist, so that an epoch lasts long enough to be killed in the middle of.
-    args = ["trainer.epochs=3", "trainer.progress=false", "eval.num_samples=2", "trainer.num_pictures=4",
-            "model.hidden=[200]"]
+    args = ["trainer.epochs=3", "trainer.progress=false", "eval.num_samples=2", "trainer.num_pictures=4", *model_args]
     assert dgm("train", *args, "hydra.run.dir=whole", cwd=tmp_path).returncode == 0
     killed = subprocess.Popen(["dgm", "train", *args, "hydra.run.dir=killed"], cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -106,7 +101,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_end(tmp_path):
     killed.wait()
     assert not (tmp_path / "killed" / "summary.json").exists()
 
-    result = dgm("train", "resume=killed", cwd=tmp_path)
+    result = dgm("train", "resume=killed", cwd=tmp_path)  # the dead process's lock is no obstacle
     assert result.returncode == 0, result.stderr
     assert "resuming from the checkpoint of epoch" in (tmp_path / "killed" / "train.log").read_text()
     assert metrics(tmp_path / "killed") == metrics(tmp_path / "whole")
@@ -218,5 +213,10 @@ def test_two_processes_of_a_multi_host_run_train_as_one(tmp_path):
     for host in hosts:
         assert host.wait(timeout=600) == 0, host.stderr.read()
     assert dgm("train", *args, "hydra.run.dir=single", cwd=tmp_path).returncode == 0
-    assert "data parallel over 2 devices" in (tmp_path / "multi" / "train.log").read_text()
+    log = (tmp_path / "multi" / "train.log").read_text()
+    assert "data parallel over 2 devices" in log and log.count("computing on 2 device(s)") == 1  # process 0's
     assert_close(metrics(tmp_path / "multi"), metrics(tmp_path / "single"))  # written once, by process 0
+    # One process evaluates and samples the run alone, without waiting for the other host.
+    for command in ("eval", "sample"):
+        result = dgm(command, "multi", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr

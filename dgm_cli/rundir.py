@@ -1,0 +1,137 @@
+"""A run directory's guard: one writer at a time, and a saved config that is never overwritten.
+
+Every command that writes into a run (`dgm train`, `dgm eval`, `dgm sample`) first takes an
+exclusive lock on it for its whole life. The lock is an `flock` on `RUN/.lock`, which the
+kernel releases when its process ends however it ends, so a run killed with `kill -9` never
+blocks its own resume. A command aimed at a run that already has a saved config either matches
+it (and resumes, or finds it finished) or is refused, before anything in the run is touched:
+dgm writes `.hydra/` itself, once, after that check (Hydra is told not to).
+"""
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dgm_cli.errors import DgmError
+
+LOCK = ".lock"
+SAVED_CONFIG = Path(".hydra") / "config.yaml"
+
+
+class RunRefused(DgmError):
+    """A command that must leave the run it is aimed at exactly as it found it."""
+
+
+@contextlib.contextmanager
+def exclusive(run_dir: Path, command: str):
+    """Hold the run's lock for the life of the block, or refuse at once naming its holder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise RunRefused(f"{run_dir} is in use by {holder}; wait until it ends, "
+                             "or choose another run directory") from None
+        lock.truncate(0)
+        lock.write(f"process {os.getpid()} ({command}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        lock.flush()
+        yield  # closing the file releases the lock; the file stays, harmless, for the next holder
+
+
+def training_config(cfg) -> dict:
+    """What must not change when a run goes on: its resolved config, less what only says where
+    and how it runs (the progress bar, the cache, the hosts of a multi-host run)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["trainer"].pop("progress", None)
+    config.pop("cache_dir", None)
+    config.pop("distributed", None)
+    return config
+
+
+def _leaves(tree, prefix: str = ""):
+    if isinstance(tree, dict) and tree:
+        for name, value in tree.items():
+            yield from _leaves(value, f"{prefix}{name}.")
+    else:
+        yield prefix[:-1], tree
+
+
+def differences(saved: dict, wanted: dict) -> list[str]:
+    """`key saved-value in the run, wanted-value here` for every setting that differs."""
+    saved, wanted = dict(_leaves(saved)), dict(_leaves(wanted))
+
+    def shown(values, key):
+        return json.dumps(values[key]) if key in values else "unset"
+
+    return [f"{key} {shown(saved, key)} in the run, {shown(wanted, key)} here"
+            for key in sorted(saved.keys() | wanted.keys())
+            if key not in saved or key not in wanted or saved[key] != wanted[key]]
+
+
+def saved_config(run_dir: Path):
+    """The run's saved config (unresolved, as written), or None if it has none."""
+    path = run_dir / SAVED_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        return OmegaConf.load(path)
+    except (OmegaConfBaseException, OSError, ValueError) as error:
+        raise RunRefused(f"{path} cannot be read ({str(error).splitlines()[0]})") from None
+
+
+def check_matches(run_dir: Path, cfg) -> None:
+    """Refuse, naming what differs, unless `cfg` trains what the run's saved config trains."""
+    saved = saved_config(run_dir)
+    if saved is None:
+        return
+    try:
+        changed = differences(training_config(saved), training_config(cfg))
+    except OmegaConfBaseException as error:
+        raise RunRefused(f"{run_dir / SAVED_CONFIG} cannot be resolved ({str(error).splitlines()[0]})") from None
+    if changed:
+        shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise RunRefused(f"{run_dir} holds a run of another config ({shown}); go on with it by "
+                         f"`dgm train resume={run_dir}`, or choose a new hydra.run.dir")
+
+
+def save_hydra_files(run_dir: Path, cfg, hydra_cfg) -> None:
+    """Write `.hydra/` (config.yaml, hydra.yaml, overrides.yaml) as Hydra would, all at once:
+    they appear together under their final name or not at all."""
+    final = run_dir / ".hydra"
+    if final.exists():
+        return
+    staging = run_dir / f".hydra.{os.getpid()}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    hydra_node = OmegaConf.create({"hydra": OmegaConf.to_container(hydra_cfg)})
+    hydra_node.hydra.output_subdir = ".hydra"  # where its files are, though dgm wrote them
+    (staging / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (staging / "hydra.yaml").write_text(OmegaConf.to_yaml(hydra_node))
+    (staging / "overrides.yaml").write_text(OmegaConf.to_yaml(hydra_cfg.overrides.task))
+    os.rename(staging, final)
+
+
+def summary(run_dir: Path) -> dict | None:
+    """The run's summary.json, which only a finished run has."""
+    path = run_dir / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@contextlib.contextmanager
+def claim_for_training(run_dir: Path, cfg, hydra_cfg):
+    """Lock the run, check that `cfg` is the run's own config (a new run: save it), and yield
+    the run's summary if it has finished already, else None."""
+    command = " ".join(["dgm train", *hydra_cfg.overrides.task])
+    with exclusive(run_dir, command if len(command) < 200 else command[:197] + "..."):
+        check_matches(run_dir, cfg)
+        save_hydra_files(run_dir, cfg, hydra_cfg)
+        yield summary(run_dir)

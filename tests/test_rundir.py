@@ -1,0 +1,192 @@
+"""Run directories nobody can spoil by accident: a saved config never overwritten, one writer at a
+time, every evaluation kept with how it was measured, and the small breaks of the commands
+around them."""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from dgm_cli import cli, rundir, steps, train
+from dgm_cli.errors import DgmError
+from tests.conftest import QUICK
+from tests.test_cli import assert_one_line_error, dgm
+
+
+def snapshot(run) -> dict:
+    """Every file of a run, its lock aside (which names its latest holder): bytes and modification time."""
+    return {str(path.relative_to(run)): (path.read_bytes(), path.stat().st_mtime_ns)
+            for path in sorted(run.rglob("*")) if path.is_file() and path.name != rundir.LOCK}
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    shutil.copytree(finished_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("killed", [False, True])
+def test_a_command_with_another_config_is_refused_and_changes_nothing(run_copy, tmp_path, killed):
+    if killed:  # as if killed before its end: no summary.json
+        (run_copy / "summary.json").unlink()
+    before = snapshot(run_copy)
+    result = dgm("train", "dataset=digits", *QUICK, "optimizer.lr=0.01", "hydra.run.dir=run", cwd=tmp_path)
+    assert_one_line_error(result, "holds a run of another config", "optimizer.lr 0.001 in the run, 0.01 here",
+                          "dgm train resume=")
+    assert snapshot(run_copy) == before  # .hydra/, train.log and the rest as they were
+    if killed:  # and the advice works
+        result = dgm("train", "resume=run", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert json.loads((run_copy / "summary.json").read_text())["test_nll"] > 0
+
+
+def test_the_same_config_into_a_finished_run_does_nothing(run_copy, tmp_path):
+    before = snapshot(run_copy)
+    # The progress bar and the cache are where and how a run runs, not what it trains.
+    result = dgm("train", "dataset=digits", *QUICK, "trainer.progress=true", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0 and "has finished already; nothing to do" in result.stdout
+    assert snapshot(run_copy) == before
+
+
+def test_a_second_writer_fails_at_once_naming_the_first(tmp_path):
+    args = ["dgm", "train", "dataset=digits", "trainer.epochs=6", "trainer.progress=false", "eval.num_samples=20",
+            "hydra.run.dir=run"]
+    first = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    second = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert first.wait(timeout=600) == 0, first.stderr.read()
+    assert_one_line_error(second, f"run is in use by process {first.pid} (dgm train dataset=digits")
+    run = tmp_path / "run"
+    assert not (run / "FAILED").exists() and (run / "summary.json").is_file()
+    assert (run / "train.log").read_text().count("computing on 1 device(s)") == 1  # one writer's log
+    report = dgm("report", "run", cwd=tmp_path)
+    assert report.returncode == 0 and "1 finished" in report.stdout and "failed" not in report.stdout
+
+
+def test_eval_and_sample_wait_for_no_one_and_touch_nothing_while_a_run_trains(run_copy, tmp_path):
+    before = snapshot(run_copy)
+    with rundir.exclusive(run_copy, "dgm train"):  # as a training process holds it
+        for command in ("eval", "sample"):
+            assert_one_line_error(dgm(command, "run", cwd=tmp_path), f"is in use by process {os.getpid()} (dgm train")
+    assert snapshot(run_copy) == before
+
+
+def test_two_identical_commands_started_together_get_two_run_directories(tmp_path):
+    command = ["dgm", "train", "dataset=digits", *QUICK, "trainer.epochs=1"]
+    runs = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    for run in runs:
+        assert run.wait(timeout=600) == 0, run.stderr.read()
+    assert len(list((tmp_path / "outputs").glob("*/*-vae/summary.json"))) == 2
+
+
+def test_every_evaluation_is_kept_and_the_best_measured_is_the_headline(run_copy, tmp_path):
+    original = json.loads((run_copy / "summary.json").read_text())
+    assert original["test_nll_samples"] == 20 and original["test_nll_seed"] == 0
+    result = dgm("eval", "run", "eval.num_samples=5", "seed=4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "reports test NLL" in result.stdout
+    assert json.loads((run_copy / "summary.json").read_text()) == original  # 5 samples measure worse than 20
+
+    assert dgm("eval", "run", "eval.num_samples=5", "headline=true", cwd=tmp_path).returncode == 0
+    summary = json.loads((run_copy / "summary.json").read_text())
+    assert summary["test_nll_samples"] == 5 and summary["test_nll"] != original["test_nll"]
+
+    evaluations = [json.loads(line) for line in (run_copy / "evaluations.jsonl").read_text().splitlines()]
+    assert [(e["command"], e["num_samples"], e["seed"]) for e in evaluations] == [
+        ("dgm train", 20, 0), ("dgm eval", 5, 4), ("dgm eval", 5, 0)]
+    assert evaluations[0]["nll"] == original["test_nll"] and all(e["seconds"] > 0 for e in evaluations)
+    report = dgm("report", "run", cwd=tmp_path)
+    assert "(5 samples)" in report.stdout
+
+
+def test_an_old_runs_summary_counts_as_its_first_evaluation(run_copy, tmp_path):
+    (run_copy / "evaluations.jsonl").unlink()  # a run from before evaluations were kept
+    original = json.loads((run_copy / "summary.json").read_text())
+    assert dgm("eval", "run", "eval.num_samples=5", cwd=tmp_path).returncode == 0
+    assert json.loads((run_copy / "summary.json").read_text())["test_nll"] == original["test_nll"]
+
+
+def test_the_report_marks_exact_figures(tmp_path):
+    result = dgm("train", "model=loglinear", "dataset=digits", *QUICK, "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "(exact)" in dgm("report", "run", cwd=tmp_path).stdout
+
+
+def test_the_test_pass_logs_its_progress_and_the_devices(make_config, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(steps, "LOG_EVERY_SECONDS", 0.0)
+    with caplog.at_level("INFO"):
+        summary = train.run(make_config("dataset=digits", *QUICK, "eval.num_samples=200", "eval.sample_batch=1000"),
+                            tmp_path)
+    assert "computing on 1 device(s): cpu" in caplog.text and summary["devices"] == ["cpu"]
+    progress = [line for line in caplog.text.splitlines() if "test log-likelihood:" in line]
+    assert len(progress) >= 5 and "left" in progress[-1]  # 60 batches of 5 examples in 20 calls
+
+
+def test_the_data_a_killed_run_goes_on_with_must_be_its_own(make_config, tmp_path):
+    path = tmp_path / "data.npz"
+    images = (np.random.default_rng(0).random((300, 16)) < 0.3).astype(np.uint8)
+    np.savez(path, train=images[:200], validation=images[200:250], test=images[250:])
+    config = make_config("dataset=numpy", f"dataset.path={path}", *QUICK)
+    train.run(config, tmp_path / "run")
+    (tmp_path / "run" / "summary.json").unlink()  # as if killed before its end
+    images[0] = 1 - images[0]
+    np.savez(path, train=images[:200], validation=images[200:250], test=images[250:])
+    with pytest.raises(DgmError, match="the data of numpy changed since the checkpoint of epoch 2"):
+        train.run(config, tmp_path / "run")
+
+
+def test_a_failed_runs_log_has_the_error_line(tmp_path):
+    result = dgm("train", "dataset=digits", "model.latent_dim=0", "hydra.run.dir=run", cwd=tmp_path)
+    assert_one_line_error(result, "model.latent_dim must be a positive integer")
+    assert "dgm: error: model.latent_dim must be a positive integer" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_one_picture_and_a_bad_seed(tmp_path):
+    result = dgm("train", "dataset=digits", *QUICK, "trainer.num_pictures=1", "hydra.run.dir=one", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "one" / "FAILED").exists()
+    assert_one_line_error(dgm("train", "dataset=digits", "seed=abc", "hydra.run.dir=bad", cwd=tmp_path),
+                          "seed must be an integer, got 'abc'")
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    reader = subprocess.Popen(["dgm", "train", "--cfg", "job"], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    reader.stdout.close()  # as `| head` does once it has its lines
+    assert reader.wait(timeout=120) != 0
+    assert reader.stderr.read() == ""
+
+
+@pytest.mark.parametrize("command", ["eval", "sample"])
+def test_eval_and_sample_have_help(tmp_path, command):
+    result = dgm(command, "--help", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: dgm {command} RUN")
+
+
+def test_a_rerun_can_choose_another_config_group(finished_run, tmp_path):
+    result = dgm("rerun", str(finished_run), "optimizer=sgd", "hydra.run.dir=sgd", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = (tmp_path / "sgd" / ".hydra" / "config.yaml").read_text()
+    assert "name: sgd" in config and "num_samples: 20" in config  # the run's own overrides, and the new group
+    # A rerun's own overrides do not compose its config (it came from a saved one): say so.
+    assert dgm("rerun", str(finished_run), "seed=1", "hydra.run.dir=again", cwd=tmp_path).returncode == 0
+    assert_one_line_error(dgm("rerun", "again", "optimizer=sgd", cwd=tmp_path),
+                          "dgm rerun cannot apply optimizer=sgd", "start it afresh with dgm train")
+
+
+def test_resume_takes_where_and_how_it_runs_and_nothing_else(finished_run):
+    run = str(finished_run.absolute())
+    (finished_run / "summary.json").rename(finished_run / "summary.json.kept")
+    try:
+        arguments = cli._train_arguments([f"resume={finished_run}", "distributed.process_id=1",
+                                          "trainer.progress=false"])
+        assert f"hydra.run.dir='{run}'" in arguments and "distributed.process_id=1" in arguments
+        with pytest.raises(DgmError, match="resume=RUN takes no seed=3"):
+            cli._train_arguments([f"resume={finished_run}", "seed=3"])
+    finally:
+        (finished_run / "summary.json.kept").rename(finished_run / "summary.json")
