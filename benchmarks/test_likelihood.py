@@ -10,6 +10,8 @@ median of `--repeats` runs after a first one that compiles, and checks that both
 mean log-likelihood.
 
     TFDS_DATA_DIR=../shared/tensorflow_datasets python benchmarks/test_likelihood.py --num-samples 1000
+
+`--npz FILE` reads the data from that file (as ../shared/data/binarized_mnist.npz) instead of TFDS.
 """
 
 import argparse
@@ -89,11 +91,14 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--sample-batch", type=int, default=10000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--npz", help="read binarized MNIST from this .npz instead of TFDS")
     args = parser.parse_args()
+    data_source = ["dataset=numpy", f"dataset.path={args.npz}"] if args.npz else []
 
     with initialize_config_module("dgm_cli.configs", version_base="1.3"):
         cfg = compose("train", overrides=["model=vae", "model.hidden=[400]", "model.latent_dim=20",
-                                          "model.activation=relu", "cache_dir=null"])
+                                          "model.activation=relu", "cache_dir=null",
+                                          *data_source])
     runtime.configure(cfg)
     data = data_lib.load(cfg.dataset)
     model = build_model(cfg, data.spec, Settings.from_config(cfg))

@@ -12,6 +12,9 @@ Every figure is wall clock per epoch, the median over the epochs after the first
 compiles); the baseline of each comparison is timed before and after the other, and averaged.
 
     TFDS_DATA_DIR=../shared/tensorflow_datasets python benchmarks/throughput.py --epochs 20
+
+With `--npz FILE` (arrays train, validation, test, as ../shared/data/binarized_mnist.npz) both
+sides read that file instead of TFDS, for a machine that has no prepared TFDS data set.
 """
 
 import argparse
@@ -34,9 +37,13 @@ WAKESLEEP_200 = ["model=wakesleep", "model.layers=[200]", "trainer.batch_size=12
 LOGLINEAR_K = 500
 LOGLINEAR = ["model=loglinear", f"model.num_components={LOGLINEAR_K}", "model.features=pixel", "model.m_step=exact"]
 BATCH, HIDDEN, LATENT, LR = 128, 400, 20, 1e-3
+NPZ = None  # --npz: the data from this file, not TFDS
 
 
 def load_train_images() -> np.ndarray:
+    if NPZ:
+        with np.load(NPZ) as file:
+            return file["train"]
     import tensorflow_datasets as tfds
 
     source = tfds.data_source("binarized_mnist", split="train")
@@ -98,7 +105,7 @@ def reference_examples_per_sec(train: np.ndarray, epochs: int) -> float:
 def dgm_examples_per_sec(overrides: list[str], epochs: int) -> float:
     """`dgm train` with these overrides, as a user runs it; its median epoch after the first."""
     with tempfile.TemporaryDirectory() as run_dir:
-        command = ["dgm", "train", *COMMON, *overrides, f"trainer.epochs={epochs}",
+        command = [sys.executable, "-m", "dgm_cli", "train", *COMMON, *overrides, f"trainer.epochs={epochs}",
                    "eval.num_samples=1", "trainer.progress=false", f"hydra.run.dir={run_dir}"]
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         return json.loads((Path(run_dir) / "summary.json").read_text())["train_examples_per_sec"]
@@ -174,7 +181,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated: " + ", ".join(BENCHMARKS))
+    parser.add_argument("--npz", help="read binarized MNIST from this .npz instead of TFDS")
     args = parser.parse_args()
+    if args.npz:
+        global NPZ
+        NPZ = str(Path(args.npz).absolute())
+        COMMON[COMMON.index("dataset=binarized_mnist"):] = ["dataset=numpy", f"dataset.path={NPZ}"]
     print(f"device: {jax.devices()[0].platform}, epochs per measurement: {args.epochs}")
     for name in args.only.split(","):
         BENCHMARKS[name](args.epochs)

@@ -229,8 +229,8 @@ examples:
   dgm train model=vae
   dgm train model=wakesleep dataset=digits trainer.epochs=20
   dgm train -m optimizer.lr=1e-3,3e-4 seed=0,1      # a sweep: one run directory per job
-  dgm train resume=outputs/2026-11-24/09-30-00-vae  # go on where a killed run stopped
-  dgm report outputs/multirun/2026-11-24/10-00-00
+  dgm train resume=outputs/2026-11-24/09-30-00.117305-vae  # go on where a killed run stopped
+  dgm report outputs/multirun/2026-11-24/10-00-00.512344
 """
 
 

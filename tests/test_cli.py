@@ -39,6 +39,7 @@ def test_hydra_flags_pass_through(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_train_on_digits_writes_a_run_under_outputs(tmp_path):
     result = dgm("train", "dataset=digits", *QUICK, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -50,6 +51,7 @@ def test_train_on_digits_writes_a_run_under_outputs(tmp_path):
         assert (run_dir / path).is_file(), path
 
 
+@pytest.mark.slow
 def test_train_on_the_prepared_binarized_mnist(tmp_path):
     result = dgm("train", "trainer.epochs=1", "trainer.progress=false", "eval.num_samples=2",
                  "hydra.run.dir=run", cwd=tmp_path)
@@ -58,6 +60,7 @@ def test_train_on_the_prepared_binarized_mnist(tmp_path):
     assert summary["dataset"] == "binarized_mnist" and 80 < summary["test_nll"] < 200
 
 
+@pytest.mark.slow
 def test_multirun_writes_one_directory_per_job(tmp_path):
     result = dgm("train", "-m", "dataset=bars", "seed=0,1", *QUICK, "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -65,6 +68,7 @@ def test_multirun_writes_one_directory_per_job(tmp_path):
     assert summaries[0]["test_nll"] != summaries[1]["test_nll"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,fragments",
     [

@@ -23,6 +23,7 @@ def numpy_config(path, **overrides):
     return OmegaConf.create({**config, **overrides})
 
 
+@pytest.mark.slow
 def test_reads_the_prepared_binarized_mnist():
     mnist = data.load(tfds_config())
     assert (mnist.train.shape, mnist.validation.shape, mnist.test.shape) == ((50000, 784), (10000, 784), (10000, 784))
@@ -32,6 +33,7 @@ def test_reads_the_prepared_binarized_mnist():
     assert 0.12 < mnist.test.mean() < 0.14
 
 
+@pytest.mark.slow
 def test_the_decoded_copy_in_the_cache_reads_back_the_same(tmp_path):
     decoded = data.load(tfds_config(), tmp_path)
     [cached] = list(tmp_path.glob("binarized_mnist-*.npz"))

@@ -65,6 +65,7 @@ def test_gradient_m_step_converges_to_the_exact_m_step(make_config):
     np.testing.assert_allclose(jax.nn.sigmoid(gradient), jax.nn.sigmoid(exact), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_readme_gradient_em_command_learns_the_bars(make_config, tmp_path):
     """`dgm train model=loglinear dataset=bars model.features=pairwise model.m_step=gradient`, for
     5 of its 30 EM iterations: from about 11 nats, 8.6 above the bars' exact 2.50, to 2.67 (2.64
@@ -119,6 +120,7 @@ def test_pairwise_normaliser_matches_brute_force():
     np.testing.assert_allclose(model.features.log_normalizer(weights), by_hand, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_learns_a_known_mixture_down_to_its_entropy(make_config, tmp_path):
     rng = np.random.default_rng(3)
     means, weights = rng.uniform(0.05, 0.95, (3, 12)), np.array([0.5, 0.3, 0.2])
@@ -139,6 +141,7 @@ def test_learns_a_known_mixture_down_to_its_entropy(make_config, tmp_path):
     assert (tmp_path / "run" / "samples" / "components.png").is_file()
 
 
+@pytest.mark.slow
 def test_observed_z_fits_each_class_to_its_own_examples(make_config, tmp_path):
     summary = train.run(make_config("model=loglinear", "dataset=digits", "model.observed_z=true",
                                     "trainer.epochs=2", "trainer.progress=false"), tmp_path)

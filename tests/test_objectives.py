@@ -71,12 +71,14 @@ def tiny_vae():
     return model, state, x, exact
 
 
+@pytest.mark.slow
 def test_importance_sampled_log_likelihood_converges_to_the_exact_value(tiny_vae):
     model, state, x, exact = tiny_vae
     estimate = model.log_likelihood(state, x, jax.random.key(0), 200_000)
     np.testing.assert_allclose(estimate, exact, atol=0.01)
 
 
+@pytest.mark.slow
 def test_importance_sampled_estimate_is_below_exact_on_average_and_tightens_with_k(tiny_vae):
     model, state, x, exact = tiny_vae
     keys = jax.random.split(jax.random.key(1), 2000)

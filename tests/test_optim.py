@@ -58,6 +58,7 @@ def test_schedules_reach_the_rates_they_promise(make_config):
     assert decayed[0] == pytest.approx(0.1) and decayed[T // 2] == pytest.approx(0.05, rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd", "rmsprop"])
 def test_each_optimizer_trains_at_its_configured_settings(make_config, optimizer):
     cfg = make_config("dataset=digits", f"optimizer={optimizer}")

@@ -29,6 +29,7 @@ def run_copy(finished_run, tmp_path):
     return tmp_path / "run"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("killed", [False, True])
 def test_a_command_with_another_config_is_refused_and_changes_nothing(run_copy, tmp_path, killed):
     if killed:  # as if killed before its end: no summary.json
@@ -52,6 +53,7 @@ def test_the_same_config_into_a_finished_run_does_nothing(run_copy, tmp_path):
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.slow
 def test_a_second_writer_fails_at_once_naming_the_first(tmp_path):
     args = ["dgm", "train", "dataset=digits", "trainer.epochs=6", "trainer.progress=false", "eval.num_samples=20",
             "hydra.run.dir=run"]
@@ -67,6 +69,7 @@ def test_a_second_writer_fails_at_once_naming_the_first(tmp_path):
     assert report.returncode == 0 and "1 finished" in report.stdout and "failed" not in report.stdout
 
 
+@pytest.mark.slow
 def test_eval_and_sample_wait_for_no_one_and_touch_nothing_while_a_run_trains(run_copy, tmp_path):
     before = snapshot(run_copy)
     with rundir.exclusive(run_copy, "dgm train"):  # as a training process holds it
@@ -75,6 +78,7 @@ def test_eval_and_sample_wait_for_no_one_and_touch_nothing_while_a_run_trains(ru
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.slow
 def test_two_identical_commands_started_together_get_two_run_directories(tmp_path):
     command = ["dgm", "train", "dataset=digits", *QUICK, "trainer.epochs=1"]
     runs = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -84,6 +88,7 @@ def test_two_identical_commands_started_together_get_two_run_directories(tmp_pat
     assert len(list((tmp_path / "outputs").glob("*/*-vae/summary.json"))) == 2
 
 
+@pytest.mark.slow
 def test_every_evaluation_is_kept_and_the_best_measured_is_the_headline(run_copy, tmp_path):
     original = json.loads((run_copy / "summary.json").read_text())
     assert original["test_nll_samples"] == 20 and original["test_nll_seed"] == 0
@@ -104,6 +109,7 @@ def test_every_evaluation_is_kept_and_the_best_measured_is_the_headline(run_copy
     assert "(5 samples)" in report.stdout
 
 
+@pytest.mark.slow
 def test_an_old_runs_summary_counts_as_its_first_evaluation(run_copy, tmp_path):
     (run_copy / "evaluations.jsonl").unlink()  # a run from before evaluations were kept
     original = json.loads((run_copy / "summary.json").read_text())
@@ -111,6 +117,7 @@ def test_an_old_runs_summary_counts_as_its_first_evaluation(run_copy, tmp_path):
     assert json.loads((run_copy / "summary.json").read_text())["test_nll"] == original["test_nll"]
 
 
+@pytest.mark.slow
 def test_the_report_marks_exact_figures(tmp_path):
     result = dgm("train", "model=loglinear", "dataset=digits", *QUICK, "hydra.run.dir=run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -140,12 +147,14 @@ def test_the_data_a_killed_run_goes_on_with_must_be_its_own(make_config, tmp_pat
         train.run(config, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_a_failed_runs_log_has_the_error_line(tmp_path):
     result = dgm("train", "dataset=digits", "model.latent_dim=0", "hydra.run.dir=run", cwd=tmp_path)
     assert_one_line_error(result, "model.latent_dim must be a positive integer")
     assert "dgm: error: model.latent_dim must be a positive integer" in (tmp_path / "run" / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_one_picture_and_a_bad_seed(tmp_path):
     result = dgm("train", "dataset=digits", *QUICK, "trainer.num_pictures=1", "hydra.run.dir=one", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -168,6 +177,7 @@ def test_eval_and_sample_have_help(tmp_path, command):
     assert result.returncode == 0 and result.stdout.startswith(f"usage: dgm {command} RUN")
 
 
+@pytest.mark.slow
 def test_a_rerun_can_choose_another_config_group(finished_run, tmp_path):
     result = dgm("rerun", str(finished_run), "optimizer=sgd", "hydra.run.dir=sgd", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

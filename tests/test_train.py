@@ -2,11 +2,15 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
+from dgm_cli import data as data_lib
 from dgm_cli import train
+from dgm_cli.checkpoints import Checkpoints
 from dgm_cli.errors import DgmError
 from tests.conftest import QUICK
 
@@ -34,6 +38,7 @@ def test_two_epochs_on_digits_fill_the_run_directory(make_config, tmp_path):
         assert picture.shape[1] >= 256 and picture.std() > 0
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_the_iwae_bound_trains_a_better_model(make_config, tmp_path):
     overrides = ["dataset=digits", "trainer.progress=false", "trainer.epochs=8", "eval.num_samples=200"]
     elbo = train.run(make_config(*overrides), tmp_path / "elbo")
@@ -52,6 +57,7 @@ def metric_values(run_dir):
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_other_seed_other_numbers(make_config, tmp_path):
     first = train.run(make_config("dataset=bars", *QUICK), tmp_path / "a")
     again = train.run(make_config("dataset=bars", *QUICK), tmp_path / "b")
@@ -101,6 +107,7 @@ def test_bad_settings_are_refused_before_training(make_config, tmp_path, overrid
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_run_resumes_where_it_runs_from_but_not_with_another_config(make_config, tmp_path):
     first = train.run(make_config("dataset=digits", *QUICK), tmp_path)
     (tmp_path / "summary.json").unlink()  # as if killed before its end
@@ -111,3 +118,22 @@ def test_a_run_resumes_where_it_runs_from_but_not_with_another_config(make_confi
     (tmp_path / "summary.json").unlink()
     with pytest.raises(DgmError, match="holds checkpoints of another config"):
         train.run(make_config("dataset=digits", *QUICK, "optimizer.lr=0.01"), tmp_path)
+
+
+@pytest.mark.slow
+def test_the_test_figures_are_those_of_the_best_epochs_parameters(make_config, tmp_path):
+    # 100 classes for 1197 digits: EM overfits, so validation is best early and the last epoch is worse.
+    config = make_config("model=loglinear", "dataset=digits", "model.num_components=100", "trainer.epochs=15",
+                         "trainer.progress=false")
+    summary = train.run(config, tmp_path)
+    assert summary["best_epoch"] < 15
+    settings = train.Settings.from_config(config)
+    data = data_lib.load(config.dataset)
+    model = train.build_model(config, data.spec, settings)
+    test_images = jnp.asarray(data.test, jnp.float32)
+    with Checkpoints(tmp_path / "checkpoints") as checkpoints:
+        exact = {epoch: -float(jnp.mean(model.log_likelihood(
+                     checkpoints.restore(epoch, like=jax.eval_shape(model.init, jax.random.key(0))), test_images, None, 0)))
+                 for epoch in (summary["best_epoch"], 15)}
+    assert summary["test_nll"] == pytest.approx(exact[summary["best_epoch"]], abs=1e-4)
+    assert abs(exact[15] - exact[summary["best_epoch"]]) > 0.1
