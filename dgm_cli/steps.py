@@ -6,6 +6,7 @@ permutes the examples on the device and scans over the batches, so nothing retur
 between steps.
 """
 
+import functools
 import logging
 import math
 import time
@@ -16,6 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
+
+UNROLL_CHUNKS = 4  # sample chunks per example batch written out rather than looped over
 
 
 def _float_pixels(batch: dict) -> dict:
@@ -87,7 +90,9 @@ def make_log_likelihood(model, num_samples: int, sample_batch: int):
             return jnp.logaddexp(log_sum, model.log_likelihood(state, x, key, size) + math.log(size))
 
         log_sum = jnp.full(x.shape[0], -jnp.inf)
-        log_sum, _ = jax.lax.scan(lambda acc, key: (add_chunk(acc, key), None), log_sum, keys[:-1])
+        # A few chunks are unrolled: on a GPU every turn of a loop costs a round trip to the host.
+        log_sum, _ = jax.lax.scan(lambda acc, key: (add_chunk(acc, key), None), log_sum, keys[:-1],
+                                  unroll=full_chunks <= UNROLL_CHUNKS)
         if rest:
             log_sum = add_chunk(log_sum, keys[-1], rest)
         return log_sum - math.log(num_samples)
@@ -99,12 +104,24 @@ CALLS = 20  # jitted calls of the test pass: few, yet enough to report progress 
 LOG_EVERY_SECONDS = 30.0
 
 
+@functools.lru_cache(maxsize=8)  # compiled once for a model, however often it is evaluated
+def _batched_log_likelihood(model, num_samples: int, sample_batch: int, devices):
+    """-> (state, x [n, B, D], keys [n]) -> [n, B] log p(x), jitted, and the batch size B."""
+    log_likelihood, batch_size = make_log_likelihood(model, num_samples, sample_batch)
+
+    @jax.jit
+    def some_batches(state, x, keys):
+        return jax.lax.map(lambda args: devices.gather(log_likelihood(state, devices.spread(args[0]), args[1])),
+                           (x, keys))
+
+    return some_batches, devices.round_up(batch_size)
+
+
 def log_likelihoods(model, state, x: np.ndarray, key, num_samples: int, sample_batch: int, devices, progress: bool):
     """[N] log p(x) of every example of x [N, D] (on the host), in at most `CALLS` jitted calls,
     each a `lax.map` over batches of examples split over `devices`; the progress goes to a bar
     on a terminal and to the log every half minute, so that it shows under nohup and Slurm too."""
-    log_likelihood, batch_size = make_log_likelihood(model, num_samples, sample_batch)
-    batch_size = devices.round_up(batch_size)
+    some_batches, batch_size = _batched_log_likelihood(model, num_samples, sample_batch, devices)
     size = x.shape[0]
     batches = -(-size // batch_size)
     keys = jax.random.split(key, batches)  # one per batch, however the batches are grouped
@@ -114,14 +131,13 @@ def log_likelihoods(model, state, x: np.ndarray, key, num_samples: int, sample_b
     x = np.pad(x, [(0, padded - size), (0, 0)]).reshape(calls, per_call, batch_size, -1)
     keys = jnp.concatenate([keys, keys[: calls * per_call - batches]]).reshape(calls, per_call)
 
-    @jax.jit
-    def some_batches(state, x, keys):  # x [per_call, B, D], keys [per_call] -> [per_call, B]
-        return jax.lax.map(lambda args: devices.gather(log_likelihood(state, devices.spread(args[0]), args[1])),
-                           (x, keys))
-
     results, started, logged = [], time.perf_counter(), time.perf_counter()
+    running = some_batches(state, devices.put(x[0]), keys[0])
     for call in tqdm(range(calls), desc="test log-likelihood", leave=False, disable=None if progress else True):
-        results.append(np.asarray(some_batches(state, devices.put(x[call]), keys[call])).reshape(-1))
+        # The next call is queued before this one is waited for, so that the device never idles.
+        queued = some_batches(state, devices.put(x[call + 1]), keys[call + 1]) if call + 1 < calls else None
+        results.append(np.asarray(running).reshape(-1))
+        running = queued
         now = time.perf_counter()
         if now - logged >= LOG_EVERY_SECONDS and call + 1 < calls:
             done = (call + 1) / calls
