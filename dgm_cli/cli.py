@@ -6,10 +6,10 @@ The other commands work on run directories that `dgm train` made.
 """
 
 import logging
-from importlib import resources
 import os
 import sys
 import traceback
+from importlib import resources
 from pathlib import Path
 
 import hydra

@@ -47,7 +47,7 @@ class Settings:
 
     @classmethod
     def from_config(cls, cfg) -> "Settings":
-        integer(cfg.seed, "seed")  # checked here, before any work, though `Keys` takes it
+        integer(cfg.seed, "seed")  # checked with the rest, before any work, though `Keys` takes it
         batch_size = cfg.trainer.batch_size
         return cls(
             epochs=positive_int(cfg.trainer.epochs, "trainer.epochs"),
@@ -71,8 +71,8 @@ class Keys(NamedTuple):
     pictures: jax.Array
 
     @classmethod
-    def from_seed(cls, seed) -> "Keys":
-        return cls(*jax.random.split(jax.random.key(integer(seed, "seed")), len(cls._fields)))
+    def from_seed(cls, seed: int) -> "Keys":
+        return cls(*jax.random.split(jax.random.key(seed), len(cls._fields)))
 
     def picture_keys(self) -> tuple[jax.Array, jax.Array]:
         """(samples, reconstructions): the keys of the run's pictures."""
@@ -239,7 +239,7 @@ def run(cfg, run_dir: Path) -> dict:
     primary = jax.process_index() == 0  # of several hosts, one writes the run's files
     run_dir.mkdir(parents=True, exist_ok=True)
     keys = Keys.from_seed(cfg.seed)
-    splits = devices.put(data.batches())
+    splits = devices.put({split: data.batches()[split] for split in ("train", "validation")})  # test: later
     record = {"config": training_config(cfg), "spec": dataclasses.asdict(data.spec),
               "data_fingerprint": data.fingerprint()}
     with Checkpoints(run_dir / "checkpoints") as checkpoints:
