@@ -173,7 +173,7 @@ def rerun(args: list[str]) -> None:
     changed = rundir.differences(rundir.training_config(rundir.saved_config(run)), rundir.training_config(composed))
     if changed:
         raise DgmError(f"dgm rerun cannot apply {' '.join(groups)}: {run}'s overrides no longer compose its saved "
-                       f"config ({changed[0]}); start it afresh with dgm train {' '.join(saved_overrides)} "
+                       f"config ({rundir.brief(changed)}); start it afresh with dgm train {' '.join(saved_overrides)} "
                        f"{' '.join(overrides)}")
     train([new_run_dir, *saved_overrides, *overrides])
 

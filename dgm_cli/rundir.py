@@ -77,6 +77,11 @@ def differences(saved: dict, wanted: dict) -> list[str]:
             if key not in saved or key not in wanted or saved[key] != wanted[key]]
 
 
+def brief(changed: list[str]) -> str:
+    """The first few `differences`, for a one-line message."""
+    return "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+
+
 def saved_config(run_dir: Path):
     """The run's saved config (unresolved, as written), or None if it has none."""
     path = run_dir / SAVED_CONFIG
@@ -98,8 +103,7 @@ def check_matches(run_dir: Path, cfg) -> None:
     except OmegaConfBaseException as error:
         raise RunRefused(f"{run_dir / SAVED_CONFIG} cannot be resolved ({str(error).splitlines()[0]})") from None
     if changed:
-        shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
-        raise RunRefused(f"{run_dir} holds a run of another config ({shown}); go on with it by "
+        raise RunRefused(f"{run_dir} holds a run of another config ({brief(changed)}); go on with it by "
                          f"`dgm train resume={run_dir}`, or choose a new hydra.run.dir")
 
 
