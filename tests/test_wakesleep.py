@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.stats
 from omegaconf import OmegaConf
 
 from dgm_cli import train
 from dgm_cli.data import Spec
 from dgm_cli.errors import DgmError
-from dgm_cli.models.wakesleep import WakeSleep, bernoulli_16bit
+from dgm_cli.models.wakesleep import WakeSleep, bernoulli, bernoulli_16bit
 
 
 def make_model(layers, data_dim=6, lr=1.0, **overrides):
@@ -49,6 +50,7 @@ def exact_log_likelihood(model, state, x):
 X = (jax.random.uniform(jax.random.key(9), (4, 6)) < 0.4).astype(jnp.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layers", [[4], [3, 2]])
 def test_importance_sampled_log_likelihood_converges_to_enumeration(layers):
     model = make_model(layers)
@@ -61,24 +63,49 @@ def test_importance_sampled_log_likelihood_converges_to_enumeration(layers):
     assert bool(jnp.all(few < exact))  # a lower bound on average
 
 
-def test_16_bit_bernoulli_draws_have_the_right_frequencies():
+@pytest.mark.parametrize("draw", [bernoulli_16bit, bernoulli])
+def test_bernoulli_draws_have_the_right_frequencies(draw):
     p = jnp.array([0.0, 1e-3, 0.3, 0.5, 0.999, 1.0])
-    draws = bernoulli_16bit(jax.random.key(0), p, (200_000, 6))
+    draws = draw(jax.random.key(0), p, (200_000, 6))
     assert draws.dtype == jnp.bool_ and draws.shape == (200_000, 6)
     np.testing.assert_allclose(draws.mean(0), p, atol=3e-3)
     assert not draws[:, 0].any() and draws[:, 5].all()
+
+
+def fire_counts(draw, p, n, chunk=2**21):
+    """How often each unit of p fires in n draws, drawn a chunk at a time to bound the memory."""
+    keys = jax.random.split(jax.random.key(0), n // chunk)
+    return jax.lax.map(lambda key: draw(key, p, (chunk, len(p))).sum(0), keys).sum(0)
+
+
+@pytest.mark.parametrize("draw,n", [(bernoulli_16bit, 2**22), (bernoulli, 2**27)])
+def test_bernoulli_draws_at_small_p_fire_as_often_as_p_says(draw, n):
+    """Comparing u with p·2^n made any p > 0 fire at 2^-n at least: the 16-bit draw at 1.5e-5,
+    jax.random.bernoulli at 2^-23. Here that was 64 fires of each unit, and 16 of the one at 1e-9."""
+    p = jnp.array([1e-9, 1e-6])
+    expected = n * np.asarray(p)
+    counts = fire_counts(draw, p, n)
+    low, high = scipy.stats.poisson.ppf(1e-6, expected), scipy.stats.poisson.isf(1e-6, expected)
+    assert np.all((low <= counts) & (counts <= high)), (counts, low, high)  # each bound: 1e-6 of Poisson(n·p)
+
+
+def test_the_24_bit_draw_keeps_the_bits_of_jax_random_bernoulli():
+    """So that log-likelihoods measured before the draw was rounded used almost the same draws."""
+    p = jax.random.uniform(jax.random.key(1), (1000, 100))
+    assert int(jnp.sum(bernoulli(jax.random.key(2), p, p.shape) != jax.random.bernoulli(jax.random.key(2), p))) <= 1
 
 
 def linear(layer):
     return layer.kernel[...], layer.bias[...]
 
 
+@pytest.mark.slow
 def test_wake_gradient_is_the_hand_derived_delta_rule():
     model = make_model([3])
     state = random_state(model)
     new_state, _ = model.train_step(state, {"x": X}, jax.random.key(5))
     # The same draw h ~ q(h|x) that the step made, from the same key.
-    [h], _ = state.recognition.sample(X, jax.random.split(jax.random.key(5))[0], 1, bernoulli_16bit)
+    [h], _ = state.recognition.sample(X, jax.random.split(jax.random.key(5))[0], 1)
     h = h[0]  # [B, 3]
     kernel, bias = linear(state.generative.chain.conditionals[0].layers[0])
     error = X - jax.nn.sigmoid(h @ kernel + bias)  # ∂ log p(x|h) / ∂ logits
@@ -90,23 +117,29 @@ def test_wake_gradient_is_the_hand_derived_delta_rule():
                                (h - jax.nn.sigmoid(prior)).mean(0), atol=1e-5)
 
 
-def test_sleep_gradient_is_the_delta_rule_on_dreams():
-    model = make_model([3])
+@pytest.mark.slow
+@pytest.mark.parametrize("layers", [[3], [3, 2]])
+def test_sleep_gradient_is_the_delta_rule_on_dreams(layers):
+    model = make_model(layers)
     state = random_state(model)
     new_state, _ = model.train_step(state, {"x": X}, jax.random.key(5))
-    dream_x, [dream_h] = state.generative.sample(jax.random.split(jax.random.key(5))[1], len(X), bernoulli_16bit)
-    kernel, bias = linear(state.recognition.conditionals[0].layers[0])
-    error = dream_h - jax.nn.sigmoid(dream_x @ kernel + bias)
-    new_kernel, new_bias = linear(new_state.recognition.conditionals[0].layers[0])
-    np.testing.assert_allclose(new_kernel - kernel, dream_x.T @ error / len(X), atol=1e-5)
-    np.testing.assert_allclose(new_bias - bias, error.mean(0), atol=1e-5)
+    dream_x, dream_h = state.generative.sample(jax.random.split(jax.random.key(5))[1], len(X), bernoulli_16bit)
+    # Each layer of q learns to predict the dream's layer above from the one below: x̃ -> h̃_1 -> h̃_2.
+    for old, new, below, above in zip(state.recognition.conditionals, new_state.recognition.conditionals,
+                                      [dream_x, *dream_h[:-1]], dream_h, strict=True):
+        kernel, bias = linear(old.layers[0])
+        error = above - jax.nn.sigmoid(below @ kernel + bias)
+        new_kernel, new_bias = linear(new.layers[0])
+        np.testing.assert_allclose(new_kernel - kernel, below.T @ error / len(X), atol=1e-5)
+        np.testing.assert_allclose(new_bias - bias, error.mean(0), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_reweighted_wake_updates_weigh_samples_by_normalised_importance_weights():
     model = make_model([3], num_samples=4, q_update="wake")
     state = random_state(model)
     new_state, _ = model.train_step(state, {"x": X}, jax.random.key(5))
-    [h], log_q = state.recognition.sample(X, jax.random.split(jax.random.key(5))[0], 4, bernoulli_16bit)  # [K, B, 3]
+    [h], log_q = state.recognition.sample(X, jax.random.split(jax.random.key(5))[0], 4)  # [K, B, 3]
     weights = jax.nn.softmax(state.generative.log_prob(X, [h]) - log_q, axis=0)[..., None]  # [K, B, 1]
     kernel, bias = linear(state.generative.chain.conditionals[0].layers[0])
     error = X - jax.nn.sigmoid(h @ kernel + bias)  # [K, B, D]
@@ -119,6 +152,21 @@ def test_reweighted_wake_updates_weigh_samples_by_normalised_importance_weights(
     np.testing.assert_allclose(linear(new_state.recognition.conditionals[0].layers[0])[0] - q_kernel, q_expected, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_both_phases_update_q_by_the_sum_of_the_sleep_and_the_wake_update():
+    updates = {}
+    for q_update in ["sleep", "wake", "both"]:
+        model = make_model([3, 2], num_samples=4, q_update=q_update)
+        state = random_state(model)
+        new_state, _ = model.train_step(state, {"x": X}, jax.random.key(5))  # the same draws each time
+        updates[q_update] = [new - old for new, old in zip(jax.tree.leaves(new_state.recognition),
+                                                           jax.tree.leaves(state.recognition))]
+    for both, sleep, wake in zip(updates["both"], updates["sleep"], updates["wake"], strict=True):
+        np.testing.assert_allclose(both, sleep + wake, atol=1e-5)
+    assert all(float(jnp.abs(update).max()) > 1e-3 for update in updates["sleep"] + updates["wake"])
+
+
+@pytest.mark.slow
 def test_classic_wake_sleep_learns_the_bars(make_config, tmp_path):
     summary = train.run(make_config(
         "model=wakesleep", "model.layers=[8,1]", "dataset=bars", "trainer.epochs=40",
@@ -132,6 +180,8 @@ def test_classic_wake_sleep_learns_the_bars(make_config, tmp_path):
     ("model.num_samples=0", "model.num_samples must be a positive integer"),
     ("model.q_update=never", "unknown model.q_update 'never'; choose from: both, sleep, wake"),
     ("model.sleep_lr=-1", "model.sleep_lr must be a positive number"),
+    ("model.q_update=wake", "model.q_update=wake with model.num_samples=1 leaves q untrained: .* use "
+                            "model.q_update=sleep or both, or model.num_samples > 1"),
 ])
 def test_bad_settings(make_config, tmp_path, override, message):
     with pytest.raises(DgmError, match=message):
