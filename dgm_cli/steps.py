@@ -18,8 +18,6 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
-UNROLL_CHUNKS = 4  # sample chunks per example batch written out rather than looped over
-
 
 def _float_pixels(batch: dict) -> dict:
     return {**batch, "x": batch["x"].astype(jnp.float32)}
@@ -90,9 +88,7 @@ def make_log_likelihood(model, num_samples: int, sample_batch: int):
             return jnp.logaddexp(log_sum, model.log_likelihood(state, x, key, size) + math.log(size))
 
         log_sum = jnp.full(x.shape[0], -jnp.inf)
-        # A few chunks are unrolled: on a GPU every turn of a loop costs a round trip to the host.
-        log_sum, _ = jax.lax.scan(lambda acc, key: (add_chunk(acc, key), None), log_sum, keys[:-1],
-                                  unroll=full_chunks <= UNROLL_CHUNKS)
+        log_sum, _ = jax.lax.scan(lambda acc, key: (add_chunk(acc, key), None), log_sum, keys[:-1])
         if rest:
             log_sum = add_chunk(log_sum, keys[-1], rest)
         return log_sum - math.log(num_samples)
