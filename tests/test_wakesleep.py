@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 from dgm_cli import train
 from dgm_cli.data import Spec
 from dgm_cli.errors import DgmError
-from dgm_cli.models.wakesleep import WakeSleep, bernoulli, bernoulli_16bit
+from dgm_cli.models.helmholtz import bernoulli, bernoulli_16bit
+from dgm_cli.models.wakesleep import WakeSleep
 
 
 def make_model(layers, data_dim=6, lr=1.0, **overrides):
