@@ -28,7 +28,7 @@ def test_help_lists_the_commands(tmp_path):
     result = dgm("--help", cwd=tmp_path)
     assert result.returncode == 0 and "train" in result.stdout
     result = dgm("train", "--help", cwd=tmp_path)
-    assert result.returncode == 0 and "model: loglinear, vae, wakesleep" in result.stdout and "dataset: bars, binarized_mnist" in result.stdout
+    assert result.returncode == 0 and "model: loglinear, sbn, vae, wakesleep" in result.stdout and "dataset: bars, binarized_mnist" in result.stdout
 
 
 def test_hydra_flags_pass_through(tmp_path):

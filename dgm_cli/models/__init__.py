@@ -22,10 +22,11 @@ learning rate if given. Every method is pure and jit-compatible.
 
 from dgm_cli.errors import choice
 from dgm_cli.models.loglinear import LogLinear
+from dgm_cli.models.sbn import SBN
 from dgm_cli.models.vae import VAE
 from dgm_cli.models.wakesleep import WakeSleep
 
-MODELS = {"vae": VAE, "wakesleep": WakeSleep, "loglinear": LogLinear}
+MODELS = {"vae": VAE, "wakesleep": WakeSleep, "sbn": SBN, "loglinear": LogLinear}
 
 
 def build(config, spec, make_optimizer):

@@ -1,0 +1,113 @@
+"""Sigmoid belief net trained on one objective, its recognition gradient from a chosen estimator.
+
+The Helmholtz machine's networks (`dgm_cli.models.helmholtz`, shared with `wakesleep`): a
+generative sigmoid belief net p(x, h | θ) and a recognition net q(h | x, λ) of the mirror shape.
+Both ascend one objective, L̂ = log (1/K) Σ_k p(x, h_k) / q(h_k|x) with h_k ~ q(h|x): the ELBO for
+K = 1 (`num_samples`), the importance-weighted bound for K > 1. θ gets the ordinary gradient
+Σ_k w̃_k ∇_θ log p(x, h_k); h is discrete, so ∇_λ has no reparameterisation and comes from
+`model.estimator` (`dgm_cli.estimators`: reinforce, nvil, vimco, disarm, concrete).
+Validation, test and pictures always use the discrete model, whatever the estimator.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dgm_cli import estimators, objectives
+from dgm_cli.errors import DgmError, choice, positive_float, positive_int, positive_ints, probability
+from dgm_cli.models import nets
+from dgm_cli.models.helmholtz import BernoulliChain, Generative, make_networks, network_settings
+from dgm_cli.optim import apply_gradients
+
+
+class State(NamedTuple):
+    generative: Generative
+    recognition: BernoulliChain
+    baselines: nnx.List | None  # the estimator's baseline nets C_ψ, one per stochastic layer (nvil)
+    stats: dict  # the estimator's running statistics (`estimators.init_stats`)
+    generative_opt: optax.OptState
+    recognition_opt: optax.OptState
+    baselines_opt: optax.OptState
+
+
+class SBN:
+    """The `dgm_cli.models.Model` contract for a sigmoid belief net with a gradient estimator."""
+
+    exact_likelihood = False
+    selection_metric = "loss"  # the importance-sampled bound with K samples, on validation data
+
+    def __init__(self, config, spec, make_optimizer):
+        self.data_dim = spec.dim
+        self.layers, self.deterministic_hidden, self.activation = network_settings(config)
+        self.num_samples = positive_int(config.num_samples, "model.num_samples")
+        self.estimator = choice(config.estimator, estimators.ESTIMATORS, "model.estimator")
+        name = f"model.estimator={config.estimator}"
+        if self.num_samples < self.estimator.min_samples:
+            raise DgmError(f"{name} needs model.num_samples >= {self.estimator.min_samples}: each sample's "
+                           f"baseline is built from the others; got {self.num_samples}")
+        if self.estimator.max_samples is not None and self.num_samples > self.estimator.max_samples:
+            any_k = ", ".join(sorted(n for n, e in estimators.ESTIMATORS.items() if e.max_samples is None))
+            raise DgmError(f"{name} trains the ELBO with model.num_samples=1 (got {self.num_samples}); "
+                           f"for the K-sample bound choose model.estimator from: {any_k}")
+        if self.estimator.one_layer and len(self.layers) > 1:
+            raise DgmError(f"{name} needs one stochastic layer, such as model.layers=[200]; got {list(self.layers)}")
+        self.settings = estimators.Settings(
+            num_samples=self.num_samples,
+            baseline_decay=probability(config.baseline_decay, "model.baseline_decay"),
+            temperature=positive_float(config.temperature, "model.temperature"),
+            prior_temperature=positive_float(config.prior_temperature, "model.prior_temperature"))
+        self.baseline_hidden = positive_ints(config.baseline_hidden, "model.baseline_hidden")
+        self.generative_optimizer = make_optimizer()
+        self.recognition_optimizer = make_optimizer()
+        self.baselines_optimizer = make_optimizer()
+
+    def init(self, key) -> State:
+        networks_key, baseline_key = jax.random.split(key)
+        generative, recognition = make_networks(networks_key, self.data_dim, self.layers, self.deterministic_hidden,
+                                                self.activation)
+        baselines = None
+        if self.estimator.baselines:  # C_ψi(h_{i−1}): from the layer below each stochastic layer to a number
+            rngs = nnx.Rngs(baseline_key)
+            baselines = nnx.List([nets.MLP([size, *self.baseline_hidden, 1], self.activation, rngs=rngs)
+                                  for size in [self.data_dim, *self.layers[:-1]]])
+        return State(generative, recognition, baselines, estimators.init_stats(len(self.layers)),
+                     self.generative_optimizer.init(generative), self.recognition_optimizer.init(recognition),
+                     self.baselines_optimizer.init(baselines))
+
+    def train_step(self, state: State, batch, key):
+        def loss(networks):  # the surrogate: its gradient is the estimate (`dgm_cli.estimators`)
+            return self.estimator.estimate(networks, state.stats, batch["x"], key, self.settings)
+
+        (_, (stats, metrics)), grads = jax.value_and_grad(loss, has_aux=True)(
+            estimators.Nets(state.generative, state.recognition, state.baselines))
+        generative, generative_opt = apply_gradients(
+            self.generative_optimizer, grads.generative, state.generative, state.generative_opt)
+        recognition, recognition_opt = apply_gradients(
+            self.recognition_optimizer, grads.recognition, state.recognition, state.recognition_opt)
+        baselines, baselines_opt = apply_gradients(
+            self.baselines_optimizer, grads.baselines, state.baselines, state.baselines_opt)
+        return State(generative, recognition, baselines, stats, generative_opt, recognition_opt, baselines_opt), metrics
+
+    def evaluate(self, state: State, batch, key):
+        x = batch["x"]
+        hidden, log_q = state.recognition.sample(x, key, self.num_samples)  # [K, B, …], 24-bit draws
+        log_w = state.generative.log_prob(x, hidden) - log_q
+        return {"loss": -objectives.log_mean_exp(log_w), "neg_elbo": -jnp.mean(log_w, axis=0)}
+
+    def log_likelihood(self, state: State, x, key, num_samples: int):
+        hidden, log_q = state.recognition.sample(x, key, num_samples)
+        return objectives.log_mean_exp(state.generative.log_prob(x, hidden) - log_q)
+
+    def sample(self, state: State, key, n: int):
+        _, hidden = state.generative.sample(key, n)
+        return state.generative.pixel_probabilities(hidden[0])
+
+    def reconstruct(self, state: State, x, key):
+        hidden, _ = state.recognition.sample(x, key)
+        return state.generative.pixel_probabilities(hidden[0])
+
+    def extra_pictures(self, state: State):
+        return {}
