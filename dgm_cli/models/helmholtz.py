@@ -133,3 +133,27 @@ def make_networks(key, data_dim: int, layers, deterministic_hidden, activation):
     recognition = BernoulliChain([data_dim, *layers], deterministic_hidden, activation,
                                  rngs=nnx.Rngs(recognition_key))
     return generative, recognition
+
+
+class HelmholtzMachine:
+    """What every family on these networks does alike, for a state with `generative` (p) and
+    `recognition` (q): the measurements, always on the discrete model with exact draws, and the
+    pictures. A family adds `init`, `train_step` and `evaluate`."""
+
+    exact_likelihood = False
+    selection_metric = "loss"  # the importance-sampled bound with K samples, on validation data
+
+    def log_likelihood(self, state, x, key, num_samples: int):
+        hidden, log_q = state.recognition.sample(x, key, num_samples)
+        return objectives.log_mean_exp(state.generative.log_prob(x, hidden) - log_q)
+
+    def sample(self, state, key, n: int):
+        _, hidden = state.generative.sample(key, n)
+        return state.generative.pixel_probabilities(hidden[0])
+
+    def reconstruct(self, state, x, key):
+        hidden, _ = state.recognition.sample(x, key)
+        return state.generative.pixel_probabilities(hidden[0])
+
+    def extra_pictures(self, state):
+        return {}

@@ -19,7 +19,7 @@ from flax import nnx
 from dgm_cli import estimators, objectives
 from dgm_cli.errors import DgmError, choice, positive_float, positive_int, positive_ints, probability
 from dgm_cli.models import nets
-from dgm_cli.models.helmholtz import BernoulliChain, Generative, make_networks, network_settings
+from dgm_cli.models.helmholtz import HelmholtzMachine, BernoulliChain, Generative, make_networks, network_settings
 from dgm_cli.optim import apply_gradients
 
 
@@ -33,11 +33,8 @@ class State(NamedTuple):
     baselines_opt: optax.OptState
 
 
-class SBN:
+class SBN(HelmholtzMachine):
     """The `dgm_cli.models.Model` contract for a sigmoid belief net with a gradient estimator."""
-
-    exact_likelihood = False
-    selection_metric = "loss"  # the importance-sampled bound with K samples, on validation data
 
     def __init__(self, config, spec, make_optimizer):
         self.data_dim = spec.dim
@@ -96,18 +93,3 @@ class SBN:
         hidden, log_q = state.recognition.sample(x, key, self.num_samples)  # [K, B, …], 24-bit draws
         log_w = state.generative.log_prob(x, hidden) - log_q
         return {"loss": -objectives.log_mean_exp(log_w), "neg_elbo": -jnp.mean(log_w, axis=0)}
-
-    def log_likelihood(self, state: State, x, key, num_samples: int):
-        hidden, log_q = state.recognition.sample(x, key, num_samples)
-        return objectives.log_mean_exp(state.generative.log_prob(x, hidden) - log_q)
-
-    def sample(self, state: State, key, n: int):
-        _, hidden = state.generative.sample(key, n)
-        return state.generative.pixel_probabilities(hidden[0])
-
-    def reconstruct(self, state: State, x, key):
-        hidden, _ = state.recognition.sample(x, key)
-        return state.generative.pixel_probabilities(hidden[0])
-
-    def extra_pictures(self, state: State):
-        return {}

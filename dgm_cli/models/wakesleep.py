@@ -22,7 +22,7 @@ import optax
 
 from dgm_cli import objectives
 from dgm_cli.errors import DgmError, choice, positive_float, positive_int
-from dgm_cli.models.helmholtz import BernoulliChain, Generative, bernoulli, bernoulli_16bit, make_networks, network_settings
+from dgm_cli.models.helmholtz import HelmholtzMachine, BernoulliChain, Generative, bernoulli, bernoulli_16bit, make_networks, network_settings
 from dgm_cli.optim import apply_gradients
 
 Q_UPDATES = {"sleep": (True, False), "wake": (False, True), "both": (True, True)}  # (sleep, wake)
@@ -35,11 +35,8 @@ class State(NamedTuple):
     recognition_opt: optax.OptState
 
 
-class WakeSleep:
+class WakeSleep(HelmholtzMachine):
     """The `dgm_cli.models.Model` contract for the Helmholtz machine."""
-
-    exact_likelihood = False
-    selection_metric = "loss"  # the importance-sampled bound with K samples, on validation data
 
     def __init__(self, config, spec, make_optimizer):
         self.data_dim = spec.dim
@@ -98,18 +95,3 @@ class WakeSleep:
         log_w = state.generative.log_prob(x, hidden) - log_q
         return {"loss": -objectives.log_mean_exp(log_w), "neg_elbo": -jnp.mean(log_w, axis=0),
                 "sleep_loss": self._sleep_loss(state.recognition, state.generative, sleep_key, x.shape[0])}
-
-    def log_likelihood(self, state: State, x, key, num_samples: int):
-        hidden, log_q = state.recognition.sample(x, key, num_samples)
-        return objectives.log_mean_exp(state.generative.log_prob(x, hidden) - log_q)
-
-    def sample(self, state: State, key, n: int):
-        _, hidden = state.generative.sample(key, n)
-        return state.generative.pixel_probabilities(hidden[0])
-
-    def reconstruct(self, state: State, x, key):
-        hidden, _ = state.recognition.sample(x, key)
-        return state.generative.pixel_probabilities(hidden[0])
-
-    def extra_pictures(self, state: State):
-        return {}
