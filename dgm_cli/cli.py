@@ -112,8 +112,9 @@ def train(args: list[str]) -> None:
         raise DgmError(f"{len(_failed_jobs)} job(s) of the sweep failed, the others ran: " + "; ".join(_failed_jobs))
 
 
-# What may differ when a run goes on: where and how it runs, not what it trains.
-RESUME_OVERRIDES = ("distributed.", "trainer.progress=", "cache_dir=")
+# What may differ when a run goes on: where and how it runs and what it measures on the side,
+# not what it trains.
+RESUME_OVERRIDES = ("distributed.", "trainer.progress=", "cache_dir=", "trainer.diagnostics_")
 
 
 def _train_arguments(args: list[str]) -> list[str]:
@@ -206,8 +207,9 @@ def report(args: list[str]) -> None:
         raise DgmError("usage: dgm report DIR (a run directory, or a folder of them such as a sweep's)")
     from dgm_cli.report import report as make_report
 
-    print(make_report(Path(args[0])), end="")
-    print(f"written: {Path(args[0]) / 'report.md'}, report.csv, curves.png")
+    text, written = make_report(Path(args[0]))
+    print(text, end="")
+    print(f"written: {Path(args[0]) / written[0]}, {', '.join(written[1:])}")
 
 
 COMMANDS = {

@@ -17,6 +17,12 @@ def positive_int(value, name: str) -> int:
     return value
 
 
+def non_negative_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DgmError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
 def integer(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise DgmError(f"{name} must be an integer, got {value!r}")

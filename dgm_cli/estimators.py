@@ -135,30 +135,46 @@ def vimco(nets, stats, x, key, settings):
     return _generative_loss(log_p, log_w) + surrogate, (stats, _bound_metrics(log_w))
 
 
+def _trajectory(conditionals, x, key, num_samples, flipped=None):
+    """h ~ q(h|x) layer by layer from 24-bit uniforms u_l (`fires`), the layer `flipped` drawn from
+    1 − u_l instead: its antithetic twin. Every layer's uniforms follow from `key` alone, so two
+    trajectories differ only from the flipped layer on. -> hidden [h_1, …], logits [a_1, …], each [K, B, size]."""
+    h, hidden, logits = x, [], []
+    for index, conditional in enumerate(conditionals):
+        a = conditional(h)
+        shape = (num_samples, *a.shape) if index == 0 else a.shape
+        bits = jax.random.bits(jax.random.fold_in(key, index), shape, jnp.uint32) >> 8  # 24 bits
+        h = fires(2**24 - 1 - bits if index == flipped else bits, jax.nn.sigmoid(a), 24).astype(a.dtype)
+        hidden.append(h)
+        logits.append(jnp.broadcast_to(a, shape))
+    return hidden, logits
+
+
 def disarm(nets, stats, x, key, settings):
-    """DisARM (Dong, Mnih & Tucker 2020), one stochastic layer, q(h|x) = Π Bern(σ(a)), a = a_λ(x):
-    for each of the K·H units an antithetic pair b = 1[u < σ(a)], b̃ = 1[1 − u < σ(a)], and
-    ∂L̂/∂a ≈ ½ (f(b) − f(b̃)) (−1)^{b̃} 1[b ≠ b̃] σ(|a|), f = L̂ with λ held fixed in log w;
-    plus L̂'s own λ-dependence through log w, −½ Σ_j [w̃_j(b) ∇ log q(b_j|x) + w̃_j(b̃) ∇ log q(b̃_j|x)]
-    (mean zero for K = 1). θ gets the ordinary gradient, averaged over the pair."""
-    logits = nets.recognition.conditionals[0](x)  # [B, H]
-    bits = jax.random.bits(key, (settings.num_samples, *logits.shape), jnp.uint32) >> 8  # [K, B, H] on 24 bits
-    probabilities = jax.nn.sigmoid(logits)
-    pair = [fires(bits, probabilities, 24), fires(2**24 - 1 - bits, probabilities, 24)]  # b, b̃
-    halves = []
-    for b in pair:
-        h = b.astype(logits.dtype)
-        log_q = objectives.bernoulli_log_likelihood(h, logits)  # [K, B]
-        log_p = nets.generative.log_prob(x, [h])
-        halves.append((h, log_p, log_q, sg(log_p - log_q)))
-    (_, _, _, log_w), (h_tilde, _, _, log_w_tilde) = halves
-    f_difference = objectives.log_mean_exp(log_w) - objectives.log_mean_exp(log_w_tilde)  # [B]
-    sign = 1.0 - 2.0 * h_tilde  # (−1)^{b̃}
-    coefficient = 0.5 * f_difference[:, None] * sign * (pair[0] != pair[1]) * sg(jax.nn.sigmoid(jnp.abs(logits)))
-    surrogate = -jnp.mean(jnp.sum(coefficient * logits, axis=(0, 2)))
-    for _, log_p, log_q, log_w_half in halves:
-        surrogate = surrogate + 0.5 * (_generative_loss(log_p, log_w_half) - _generative_loss(log_q, log_w_half))
-    return surrogate, (stats, _bound_metrics(log_w))
+    """DisARM (Dong, Mnih & Tucker 2020), layer by layer as ARM does (Yin & Zhou 2019). Layer l's
+    units, q(h_l|h_{l−1}) = Π Bern(σ(a_l)), get an antithetic pair b = 1[u < σ(a_l)], b̃ = 1[1 − u < σ(a_l)]
+    given the layers below, each continued upwards with the same uniforms (`_trajectory`), and
+    ∂L̂/∂a_l ≈ ½ (f(b) − f(b̃)) (−1)^{b̃} 1[b ≠ b̃] σ(|a_l|), f = L̂ with λ held fixed in log w.
+    L̂'s own λ-dependence through log w, −Σ_j w̃_j ∇_λ log q(h_j|x), and θ's ordinary gradient are
+    averaged over the L + 1 trajectories (the draw and each layer's twin), each a draw from q."""
+    conditionals = nets.recognition.conditionals
+    trajectories = [_trajectory(conditionals, x, key, settings.num_samples, flipped)
+                    for flipped in [None, *range(len(conditionals))]]
+    surrogate, log_ws = 0.0, []
+    for hidden, _ in trajectories:
+        log_q = nets.recognition.log_prob(x, hidden)
+        log_p = nets.generative.log_prob(x, hidden)
+        log_w = sg(log_p - log_q)
+        log_ws.append(log_w)
+        surrogate = surrogate + (_generative_loss(log_p, log_w) - _generative_loss(log_q, log_w)) / len(trajectories)
+    f = [objectives.log_mean_exp(log_w) for log_w in log_ws]  # [B] each
+    (drawn, logits), twins = trajectories[0], trajectories[1:]
+    for layer, (twin, _) in enumerate(twins):
+        b, b_tilde = drawn[layer], twin[layer]
+        f_difference = (f[0] - f[layer + 1])[:, None]  # [B, 1]
+        coefficient = 0.5 * f_difference * (1.0 - 2.0 * b_tilde) * (b != b_tilde) * sg(jax.nn.sigmoid(jnp.abs(logits[layer])))
+        surrogate = surrogate - jnp.mean(jnp.sum(coefficient * logits[layer], axis=(0, 2)))
+    return surrogate, (stats, _bound_metrics(log_ws[0]))
 
 
 def _logistic_log_density(z, logits, temperature):
@@ -206,14 +222,13 @@ class Estimator(NamedTuple):
     estimate: object  # the function above
     min_samples: int  # the fewest samples K it works with
     max_samples: int | None  # the most (None: any)
-    one_layer: bool  # whether it handles only one stochastic layer
     baselines: bool  # whether it trains a baseline net per layer (ψ)
 
 
 ESTIMATORS = {
-    "reinforce": Estimator(reinforce, 1, 1, False, False),
-    "nvil": Estimator(nvil, 1, 1, False, True),
-    "vimco": Estimator(vimco, 2, None, False, False),
-    "disarm": Estimator(disarm, 1, None, True, False),
-    "concrete": Estimator(concrete, 1, None, False, False),
+    "reinforce": Estimator(reinforce, 1, 1, False),
+    "nvil": Estimator(nvil, 1, 1, True),
+    "vimco": Estimator(vimco, 2, None, False),
+    "disarm": Estimator(disarm, 1, None, False),
+    "concrete": Estimator(concrete, 1, None, False),
 }

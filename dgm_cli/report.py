@@ -4,7 +4,9 @@ Each row is a configuration: the overrides that set its runs apart from the othe
 every run shares are listed once, above the table), less the seed; runs that differ only in
 their seed are aggregated as mean ± std. Rows are sorted by test NLL. The table
 is printed and written to DIR/report.md and DIR/report.csv, with the validation curve of every
-run in DIR/curves.png.
+run in DIR/curves.png. Runs trained with `trainer.diagnostics_every` add the mean variance and
+signal-to-noise ratio of q's gradient estimates (averaged over the run's diagnosed epochs) to
+the table, and their course over training to DIR/gradients.png.
 """
 
 import csv
@@ -18,7 +20,8 @@ import yaml
 from dgm_cli.errors import DgmError
 from dgm_cli.metrics import read_records
 
-COLUMNS = ["config", "runs", "test_nll", "test_nll_std", "test_nll_samples", "best_epoch", "wall_seconds", "train_examples_per_sec", "status"]
+COLUMNS = ["config", "runs", "test_nll", "test_nll_std", "test_nll_samples", "best_epoch", "wall_seconds",
+           "train_examples_per_sec", "grad_variance", "grad_snr", "status"]
 
 
 @dataclass
@@ -28,6 +31,7 @@ class Run:
     summary: dict | None
     failure: str | None
     curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, validation loss)
+    gradients: list[dict] = field(default_factory=list)  # the "diagnostics" records of metrics.jsonl
 
     @property
     def status(self) -> str:
@@ -43,9 +47,11 @@ def load_run(path: Path) -> Run:
     overrides = yaml.safe_load((path / ".hydra" / "overrides.yaml").read_text()) or []
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else None
     failure = (path / "FAILED").read_text().splitlines()[0] if (path / "FAILED").is_file() else None
-    curve = [(record["epoch"], record["loss"]) for record in read_records(path / "metrics.jsonl")
+    records = read_records(path / "metrics.jsonl")
+    curve = [(record["epoch"], record["loss"]) for record in records
              if record["split"] == "validation" and "loss" in record]
-    return Run(path, overrides, summary, failure, curve)
+    gradients = [record for record in records if record["split"] == "diagnostics"]
+    return Run(path, overrides, summary, failure, curve, gradients)
 
 
 def find_runs(directory: Path) -> list[Run]:
@@ -95,26 +101,38 @@ def table(runs: list[Run]) -> list[dict]:
             "best_epoch": _mean_std([s["best_epoch"] for s in finished])[0],
             "wall_seconds": _mean_std([s["wall_seconds"] for s in finished])[0],
             "train_examples_per_sec": _mean_std([s["train_examples_per_sec"] for s in finished])[0],
+            **{name: _mean_std([r[name] for run in members for r in run.gradients])[0]
+               for name in ("grad_variance", "grad_snr")},
             "status": ", ".join(f"{statuses.count(s)} {s}" for s in ("finished", "failed", "unfinished") if s in statuses),
         })
     return sorted(rows, key=lambda row: (row["test_nll"] is None, row["test_nll"] or 0.0))
 
 
-def _format(row: dict) -> list[str]:
+def _format(row: dict, gradients: bool) -> list[str]:
     def number(value, digits):
         return "–" if value is None else f"{value:,.{digits}f}"
 
     nll = "–" if row["test_nll"] is None else f"{row['test_nll']:.2f}" + (
         f" ± {row['test_nll_std']:.2f}" if row["runs"] > 1 else "") + f" ({row['test_nll_samples']})"
-    return [row["config"], str(row["runs"]), nll, number(row["best_epoch"], 0), number(row["wall_seconds"], 0),
-            number(row["train_examples_per_sec"], 0), row["status"]]
+    cells = [row["config"], str(row["runs"]), nll, number(row["best_epoch"], 0), number(row["wall_seconds"], 0),
+             number(row["train_examples_per_sec"], 0), row["status"]]
+    if gradients:
+        cells[-1:-1] = ["–" if row["grad_variance"] is None else f"{row['grad_variance']:.3g}",
+                        number(row["grad_snr"], 3)]
+    return cells
+
+
+def _has_gradients(rows: list[dict]) -> bool:
+    return any(row["grad_variance"] is not None for row in rows)
 
 
 def markdown(rows: list[dict], shared: set[str]) -> str:
     header = ["config (overrides)", "runs", "test NLL (nats)", "best epoch", "wall s", "examples/s", "status"]
+    if _has_gradients(rows):
+        header[-1:-1] = ["q-gradient variance", "q-gradient SNR"]
     lines = [f"Every run: `{' '.join(sorted(shared))}`", ""] if shared else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_format(row)) + " |" for row in rows]
+    lines += ["| " + " | ".join(_format(row, _has_gradients(rows))) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -144,7 +162,39 @@ def plot_curves(runs: list[Run], rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def report(directory: Path) -> str:
+def plot_gradients(runs: list[Run], rows: list[dict], path: Path) -> None:
+    """The variance and signal-to-noise ratio of q's gradient estimates over training, one
+    colour per configuration as in the curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shared = shared_overrides(runs)
+    colours = {row["config"]: f"C{index % 10}" for index, row in enumerate(rows)}
+    figure, (variance_axes, snr_axes) = plt.subplots(1, 2, figsize=(11, 4.5))
+    labelled = set()
+    for run in runs:
+        config = run.config(shared)
+        if run.gradients:
+            epochs = [record["epoch"] for record in run.gradients]
+            label = None if config in labelled else config
+            variance_axes.plot(epochs, [r["grad_variance"] for r in run.gradients], color=colours[config], label=label)
+            snr_axes.plot(epochs, [r["grad_snr"] for r in run.gradients], color=colours[config])
+            labelled.add(config)
+    variance_axes.set(xlabel="epoch", ylabel="mean variance per parameter", yscale="log",
+                      title="variance of q's gradient estimates")
+    snr_axes.set(xlabel="epoch", ylabel="mean |mean| / std per parameter", yscale="log",
+                 title="signal-to-noise ratio")
+    if 0 < len(labelled) <= 12:
+        variance_axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def report(directory: Path) -> tuple[str, list[str]]:
+    """The table as markdown, and the names of the files written into `directory`."""
     runs = find_runs(directory)
     rows = table(runs)
     text = markdown(rows, shared_overrides(runs))
@@ -154,4 +204,8 @@ def report(directory: Path) -> str:
         writer.writeheader()
         writer.writerows(rows)
     plot_curves(runs, rows, directory / "curves.png")
-    return text
+    written = ["report.md", "report.csv", "curves.png"]
+    if _has_gradients(rows):
+        plot_gradients(runs, rows, directory / "gradients.png")
+        written.append("gradients.png")
+    return text, written

@@ -68,6 +68,28 @@ def make_evaluate(model, batch_size: int, devices):
     return evaluate
 
 
+def make_gradient_diagnostics(model, num_estimates: int, devices):
+    """(state, batch, key) -> the spread of `num_estimates` independent estimates of q's gradient
+    (`model.recognition_gradient`) on one batch, as estimator papers report it: "grad_variance",
+    the mean over λ's parameters of each one's variance, and "grad_snr", the mean over the
+    parameters that vary of |mean| / standard deviation (Rainforth et al. 2018)."""
+
+    @jax.jit
+    def diagnose(state, batch, key):
+        batch = _float_pixels(devices.spread(batch))
+
+        def estimate(key):
+            return jnp.concatenate([g.reshape(-1) for g in jax.tree.leaves(model.recognition_gradient(state, batch, key))])
+
+        estimates = jax.lax.map(estimate, jax.random.split(key, num_estimates))  # [M, P], P parameters
+        mean, variance = jnp.mean(estimates, 0), jnp.var(estimates, 0, ddof=1)
+        varies = variance > 0
+        snr = jnp.where(varies, jnp.abs(mean) / jnp.sqrt(jnp.where(varies, variance, 1.0)), 0.0)
+        return {"grad_variance": jnp.mean(variance), "grad_snr": jnp.sum(snr) / jnp.maximum(1, jnp.sum(varies))}
+
+    return diagnose
+
+
 def make_log_likelihood(model, num_samples: int, sample_batch: int):
     """(state, x [B, D], key) -> [B] importance-sampled log p(x) with `num_samples` samples
     each, and the B to call it with: at most `sample_batch` (example, sample) pairs are

@@ -25,7 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from dgm_cli import data as data_lib
 from dgm_cli import metrics, models, optim, pictures, runtime, steps
 from dgm_cli.checkpoints import Checkpoints
-from dgm_cli.errors import DgmError, integer, positive_int
+from dgm_cli.errors import DgmError, integer, non_negative_int, positive_int
 from dgm_cli.metrics import MetricsLog, write_json_atomically
 from dgm_cli.rundir import training_config
 
@@ -44,6 +44,8 @@ class Settings:
     eval_batch_size: int
     sample_batch: int
     data_parallel: bool
+    diagnostics_every: int  # epochs between gradient-variance diagnostics; 0: none
+    diagnostics_estimates: int
 
     @classmethod
     def from_config(cls, cfg) -> "Settings":
@@ -58,7 +60,17 @@ class Settings:
             eval_batch_size=positive_int(cfg.eval.batch_size, "eval.batch_size"),
             sample_batch=positive_int(cfg.eval.sample_batch, "eval.sample_batch"),
             data_parallel=bool(cfg.trainer.data_parallel),
+            # .get: the config of a run saved before the diagnostics existed, resumed, has none
+            diagnostics_every=non_negative_int(cfg.trainer.get("diagnostics_every", 0), "trainer.diagnostics_every"),
+            diagnostics_estimates=_at_least_two(cfg.trainer.get("diagnostics_estimates", 100),
+                                                "trainer.diagnostics_estimates"),
         )
+
+
+def _at_least_two(value, name: str) -> int:
+    if positive_int(value, name) < 2:
+        raise DgmError(f"{name} must be at least 2: a variance needs two estimates, got {value}")
+    return value
 
 
 class Keys(NamedTuple):
@@ -69,10 +81,12 @@ class Keys(NamedTuple):
     validation: jax.Array
     test: jax.Array
     pictures: jax.Array
+    diagnostics: jax.Array  # folded in, not split off: the keys before it stay as they were
 
     @classmethod
     def from_seed(cls, seed: int) -> "Keys":
-        return cls(*jax.random.split(jax.random.key(seed), len(cls._fields)))
+        root = jax.random.key(seed)
+        return cls(*jax.random.split(root, len(cls._fields) - 1), jax.random.fold_in(root, 1))
 
     def picture_keys(self) -> tuple[jax.Array, jax.Array]:
         """(samples, reconstructions): the keys of the run's pictures."""
@@ -115,6 +129,9 @@ def train_epochs(model, train_epoch, state, history, splits, keys, settings, dev
     validate, checkpoint with `record`, log."""
     steps_per_epoch = splits["train"]["x"].shape[0] // settings.batch_size
     evaluate = steps.make_evaluate(model, settings.eval_batch_size, devices)
+    diagnose = settings.diagnostics_every and steps.make_gradient_diagnostics(
+        model, settings.diagnostics_estimates, devices)
+    fixed_batch = jax.tree.map(lambda array: array[: settings.batch_size], splits["train"])  # the diagnostics'
     bar = tqdm(range(history.epoch + 1, settings.epochs + 1), desc="epochs", initial=history.epoch,
                total=settings.epochs, disable=None if settings.progress else True)
     for epoch in bar:
@@ -130,6 +147,12 @@ def train_epochs(model, train_epoch, state, history, splits, keys, settings, dev
         validation = evaluate(state, splits["validation"], jax.random.fold_in(keys.validation, epoch))
         validation = {name: float(value) for name, value in validation.items()}
         metrics_log.write("validation", epoch, step, validation)
+        if diagnose and epoch % settings.diagnostics_every == 0:
+            spread = jax.device_get(diagnose(state, fixed_batch, jax.random.fold_in(keys.diagnostics, epoch)))
+            spread = {name: float(value) for name, value in spread.items()}
+            metrics_log.write("diagnostics", epoch, step, spread)
+            log.info("epoch %d: q's gradient over %d estimates: mean variance %.3g, mean SNR %.3g", epoch,
+                     settings.diagnostics_estimates, spread["grad_variance"], spread["grad_snr"])
 
         value = validation[model.selection_metric]
         history.epoch = epoch
@@ -226,6 +249,10 @@ def run(cfg, run_dir: Path) -> dict:
     if settings.batch_size > len(data.train):
         raise DgmError(f"trainer.batch_size {settings.batch_size} exceeds the {len(data.train)} training examples")
     model = build_model(cfg, data.spec, settings)
+    if settings.diagnostics_every and not hasattr(model, "recognition_gradient"):
+        having = ", ".join(name for name, family in models.MODELS.items() if hasattr(family, "recognition_gradient"))
+        raise DgmError(f"trainer.diagnostics_every needs a model whose q's gradient is estimated ({having}); "
+                       f"model={cfg.model.name} has none, so leave trainer.diagnostics_every=0")
     devices = runtime.Devices(settings.data_parallel, {"trainer.batch_size": settings.batch_size,
                                                        "eval.batch_size": settings.eval_batch_size})
     steps_per_epoch = len(data.train) // settings.batch_size

@@ -18,6 +18,10 @@ and two class attributes: `exact_likelihood` (log_likelihood needs no samples) a
 `selection_metric` (the key of `evaluate` whose validation mean, lower is better, picks the
 best epoch). `make_optimizer(lr=None)` builds the configured optax optimizer, at another
 learning rate if given. Every method is pure and jit-compatible.
+
+A family whose inference net's gradient is estimated (sbn, wakesleep) also has
+`recognition_gradient(state, batch, key)`: the gradient pytree that one training step would give
+q's optimizer, which `trainer.diagnostics_every` draws many times to measure its variance.
 """
 
 from dgm_cli.errors import choice

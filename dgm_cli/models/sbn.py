@@ -49,8 +49,6 @@ class SBN(HelmholtzMachine):
             any_k = ", ".join(sorted(n for n, e in estimators.ESTIMATORS.items() if e.max_samples is None))
             raise DgmError(f"{name} trains the ELBO with model.num_samples=1 (got {self.num_samples}); "
                            f"for the K-sample bound choose model.estimator from: {any_k}")
-        if self.estimator.one_layer and len(self.layers) > 1:
-            raise DgmError(f"{name} needs one stochastic layer, such as model.layers=[200]; got {list(self.layers)}")
         self.settings = estimators.Settings(
             num_samples=self.num_samples,
             baseline_decay=probability(config.baseline_decay, "model.baseline_decay"),
@@ -74,12 +72,18 @@ class SBN(HelmholtzMachine):
                      self.generative_optimizer.init(generative), self.recognition_optimizer.init(recognition),
                      self.baselines_optimizer.init(baselines))
 
-    def train_step(self, state: State, batch, key):
+    def _gradients(self, state: State, x, key):
+        """The estimate of −∇ of the objective for every net, the running statistics after this
+        batch, and its metrics."""
         def loss(networks):  # the surrogate: its gradient is the estimate (`dgm_cli.estimators`)
-            return self.estimator.estimate(networks, state.stats, batch["x"], key, self.settings)
+            return self.estimator.estimate(networks, state.stats, x, key, self.settings)
 
         (_, (stats, metrics)), grads = jax.value_and_grad(loss, has_aux=True)(
             estimators.Nets(state.generative, state.recognition, state.baselines))
+        return grads, stats, metrics
+
+    def train_step(self, state: State, batch, key):
+        grads, stats, metrics = self._gradients(state, batch["x"], key)
         generative, generative_opt = apply_gradients(
             self.generative_optimizer, grads.generative, state.generative, state.generative_opt)
         recognition, recognition_opt = apply_gradients(
@@ -87,6 +91,9 @@ class SBN(HelmholtzMachine):
         baselines, baselines_opt = apply_gradients(
             self.baselines_optimizer, grads.baselines, state.baselines, state.baselines_opt)
         return State(generative, recognition, baselines, stats, generative_opt, recognition_opt, baselines_opt), metrics
+
+    def recognition_gradient(self, state: State, batch, key):
+        return self._gradients(state, batch["x"], key)[0].recognition
 
     def evaluate(self, state: State, batch, key):
         x = batch["x"]

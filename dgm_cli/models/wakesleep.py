@@ -62,8 +62,8 @@ class WakeSleep(HelmholtzMachine):
         x, hidden = generative.sample(key, n, draw)
         return -recognition.log_prob(x, hidden)
 
-    def train_step(self, state: State, batch, key):
-        x = batch["x"]
+    def _gradients(self, state: State, x, key):
+        """(θ's gradient, λ's gradient, metrics) of one step on the batch x."""
         wake_key, sleep_key = jax.random.split(key)
         hidden, log_q = state.recognition.sample(x, wake_key, self.num_samples)  # [K, B, …]
 
@@ -80,13 +80,21 @@ class WakeSleep(HelmholtzMachine):
             return (sleep if self.sleep_update else 0.0) + wake, sleep
 
         (_, sleep_loss), recognition_grads = jax.value_and_grad(recognition_loss, has_aux=True)(state.recognition)
+        metrics = {"loss": -jnp.mean(objectives.log_mean_exp(log_w)), "neg_elbo": -jnp.mean(log_w),
+                   "sleep_loss": sleep_loss}
+        return generative_grads, recognition_grads, metrics
+
+    def train_step(self, state: State, batch, key):
+        generative_grads, recognition_grads, metrics = self._gradients(state, batch["x"], key)
         generative, generative_opt = apply_gradients(
             self.generative_optimizer, generative_grads, state.generative, state.generative_opt)
         recognition, recognition_opt = apply_gradients(
             self.recognition_optimizer, recognition_grads, state.recognition, state.recognition_opt)
-        metrics = {"loss": -jnp.mean(objectives.log_mean_exp(log_w)), "neg_elbo": -jnp.mean(log_w),
-                   "sleep_loss": sleep_loss}
         return State(generative, recognition, generative_opt, recognition_opt), metrics
+
+    def recognition_gradient(self, state: State, batch, key):
+        """The λ-update of a step (sleep, wake or both, as configured), for the variance diagnostics."""
+        return self._gradients(state, batch["x"], key)[1]
 
     def evaluate(self, state: State, batch, key):
         x = batch["x"]
