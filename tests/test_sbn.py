@@ -200,6 +200,16 @@ def test_training_steps_carry_the_running_statistics():
     assert set(metrics) == {"loss", "neg_elbo", "baseline_loss"}
 
 
+def test_an_optimizer_that_needs_the_parameters_trains_every_estimator(make_config, tmp_path):
+    """adamw's weight decay reads the parameters; the estimators without baseline nets have none."""
+    for estimator in ("vimco", "nvil"):
+        summary = train.run(make_config("experiment=sbn_mnist", f"method={estimator}", "dataset=digits",
+                                        "model.layers=[10]", "optimizer=adamw", "trainer.epochs=1",
+                                        "trainer.progress=false", "eval.num_samples=5", "trainer.num_pictures=4"),
+                            tmp_path / estimator)
+        assert np.isfinite(summary["test_nll"])
+
+
 @pytest.mark.parametrize("override,message", [
     (["model.estimator=rebar"], "unknown model.estimator 'rebar'; choose from: concrete, disarm, nvil, reinforce, vimco"),
     (["model.estimator=vimco"], r"model.estimator=vimco needs model.num_samples >= 2"),

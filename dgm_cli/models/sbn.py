@@ -88,8 +88,9 @@ class SBN(HelmholtzMachine):
             self.generative_optimizer, grads.generative, state.generative, state.generative_opt)
         recognition, recognition_opt = apply_gradients(
             self.recognition_optimizer, grads.recognition, state.recognition, state.recognition_opt)
-        baselines, baselines_opt = apply_gradients(
-            self.baselines_optimizer, grads.baselines, state.baselines, state.baselines_opt)
+        baselines, baselines_opt = state.baselines, state.baselines_opt  # None but for nvil
+        if baselines is not None:
+            baselines, baselines_opt = apply_gradients(self.baselines_optimizer, grads.baselines, baselines, baselines_opt)
         return State(generative, recognition, baselines, stats, generative_opt, recognition_opt, baselines_opt), metrics
 
     def recognition_gradient(self, state: State, batch, key):
