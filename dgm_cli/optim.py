@@ -88,6 +88,7 @@ def optimizer_factory(optimizer_config, schedule_config, epochs: int, steps_per_
         return build(make_schedule(lr, schedule_config, epochs * steps_per_epoch, steps_per_epoch))
 
     make_optimizer()  # fail on a bad setting now, not inside the first jitted step
+    make_optimizer.steps_per_epoch = steps_per_epoch  # for what a model schedules itself (KL warm-up)
     return make_optimizer
 
 

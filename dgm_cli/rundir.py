@@ -14,9 +14,10 @@ import json
 import os
 import shutil
 import time
+from importlib import resources
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from dgm_cli.errors import DgmError
@@ -45,6 +46,28 @@ def exclusive(run_dir: Path, command: str):
         lock.write(f"process {os.getpid()} ({command}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
         lock.flush()
         yield  # closing the file releases the lock; the file stays, harmless, for the next holder
+
+
+def with_current_defaults(cfg):
+    """`cfg` with every model and trainer setting that dgm gained after it was saved, at today's
+    default (`configs/model/NAME.yaml`, `configs/trainer/default.yaml`). New settings default to
+    what dgm did before they existed, so a run saved earlier reads as what it was, and can still
+    be resumed, evaluated and compared. The settings `cfg` has are left as they are."""
+    configs = resources.files("dgm_cli.configs")
+    defaults = {"model": configs / "model" / f"{cfg.model.name}.yaml", "trainer": configs / "trainer" / "default.yaml"}
+    missing = {}
+    for group, path in defaults.items():
+        if path.is_file():
+            values = OmegaConf.to_container(OmegaConf.load(path))
+            absent = {key: value for key, value in values.items() if key not in cfg[group] and key != "defaults"}
+            if absent:
+                missing[group] = absent
+    if not missing:
+        return cfg
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.merge_with(missing)
+    return cfg
 
 
 def training_config(cfg) -> dict:
@@ -90,7 +113,7 @@ def saved_config(run_dir: Path):
     if not path.is_file():
         return None
     try:
-        return OmegaConf.load(path)
+        return with_current_defaults(OmegaConf.load(path))
     except (OmegaConfBaseException, OSError, ValueError) as error:
         raise RunRefused(f"{path} cannot be read ({str(error).splitlines()[0]})") from None
 
@@ -101,7 +124,7 @@ def check_matches(run_dir: Path, cfg) -> None:
     if saved is None:
         return
     try:
-        changed = differences(training_config(saved), training_config(cfg))
+        changed = differences(training_config(saved), training_config(with_current_defaults(cfg)))
     except OmegaConfBaseException as error:
         raise RunRefused(f"{run_dir / SAVED_CONFIG} cannot be resolved ({str(error).splitlines()[0]})") from None
     if changed:

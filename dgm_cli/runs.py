@@ -46,7 +46,7 @@ def _config(run: Path, overrides: list[str], allowed: tuple[str, ...]):
     for override in overrides:
         if "=" not in override or not override.startswith(allowed):
             raise DgmError(f"{override!r}: this command takes {', '.join(a + '…' for a in allowed)} overrides only")
-    cfg = OmegaConf.merge(OmegaConf.load(run / ".hydra" / "config.yaml"), OmegaConf.from_dotlist(overrides))
+    cfg = OmegaConf.merge(rundir.saved_config(run), OmegaConf.from_dotlist(overrides))
     cfg.distributed.coordinator_address = None
     return cfg
 

@@ -68,14 +68,20 @@ def make_evaluate(model, batch_size: int, devices):
     return evaluate
 
 
-def make_gradient_diagnostics(model, num_estimates: int, devices):
-    """(state, batch, key) -> the spread of `num_estimates` independent estimates of q's gradient
-    (`model.recognition_gradient`) on one batch, as estimator papers report it: "grad_variance",
+def has_diagnostics(model) -> bool:
+    return hasattr(model, "recognition_gradient") or hasattr(model, "active_units")
+
+
+def make_diagnostics(model, num_estimates: int, devices):
+    """(state, batch, validation data, key) -> {name: float}, what `trainer.diagnostics_every`
+    logs: for a model with `recognition_gradient`, the spread of `num_estimates` independent
+    estimates of q's gradient on the one `batch`, as estimator papers report it: "grad_variance",
     the mean over λ's parameters of each one's variance, and "grad_snr", the mean over the
-    parameters that vary of |mean| / standard deviation (Rainforth et al. 2018)."""
+    parameters that vary of |mean| / standard deviation (Rainforth et al. 2018); for a model with
+    `active_units`, "active_units_l" for each stochastic layer l on the validation data."""
 
     @jax.jit
-    def diagnose(state, batch, key):
+    def gradient_spread(state, batch, key):
         batch = _float_pixels(devices.spread(batch))
 
         def estimate(key):
@@ -87,7 +93,37 @@ def make_gradient_diagnostics(model, num_estimates: int, devices):
         snr = jnp.where(varies, jnp.abs(mean) / jnp.sqrt(jnp.where(varies, variance, 1.0)), 0.0)
         return {"grad_variance": jnp.mean(variance), "grad_snr": jnp.sum(snr) / jnp.maximum(1, jnp.sum(varies))}
 
+    def diagnose(state, batch, validation, key):
+        found = {}
+        if hasattr(model, "recognition_gradient"):
+            found.update({name: float(value) for name, value in jax.device_get(gradient_spread(state, batch, key)).items()})
+        if hasattr(model, "active_units"):
+            found.update({f"active_units_{layer}": count
+                          for layer, count in enumerate(active_units(model, state, validation, key), 1)})
+        return found
+
     return diagnose
+
+
+def describe_diagnostics(found: dict, num_estimates: int) -> str:
+    parts = []
+    if "grad_variance" in found:
+        parts.append(f"q's gradient over {num_estimates} estimates: mean variance {found['grad_variance']:.3g}, "
+                     f"mean SNR {found['grad_snr']:.3g}")
+    units = [str(count) for name, count in found.items() if name.startswith("active_units_")]
+    if units:
+        parts.append(f"active units per layer {', '.join(units)}")
+    return "; ".join(parts)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_active_units(model):
+    return jax.jit(lambda state, x, key: model.active_units(state, x.astype(jnp.float32), key))
+
+
+def active_units(model, state, data: dict, key) -> list[int]:
+    """[count per stochastic layer] of `model.active_units` over data {"x": [N, D] uint8, …}."""
+    return [int(count) for count in jax.device_get(_jitted_active_units(model)(state, data["x"], key))]
 
 
 def make_log_likelihood(model, num_samples: int, sample_batch: int):

@@ -27,7 +27,7 @@ from dgm_cli import metrics, models, optim, pictures, runtime, steps
 from dgm_cli.checkpoints import Checkpoints
 from dgm_cli.errors import DgmError, integer, non_negative_int, positive_int
 from dgm_cli.metrics import MetricsLog, write_json_atomically
-from dgm_cli.rundir import training_config
+from dgm_cli.rundir import training_config, with_current_defaults
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,8 @@ class Settings:
             eval_batch_size=positive_int(cfg.eval.batch_size, "eval.batch_size"),
             sample_batch=positive_int(cfg.eval.sample_batch, "eval.sample_batch"),
             data_parallel=bool(cfg.trainer.data_parallel),
-            # .get: the config of a run saved before the diagnostics existed, resumed, has none
-            diagnostics_every=non_negative_int(cfg.trainer.get("diagnostics_every", 0), "trainer.diagnostics_every"),
-            diagnostics_estimates=_at_least_two(cfg.trainer.get("diagnostics_estimates", 100),
-                                                "trainer.diagnostics_estimates"),
+            diagnostics_every=non_negative_int(cfg.trainer.diagnostics_every, "trainer.diagnostics_every"),
+            diagnostics_estimates=_at_least_two(cfg.trainer.diagnostics_estimates, "trainer.diagnostics_estimates"),
         )
 
 
@@ -129,9 +127,8 @@ def train_epochs(model, train_epoch, state, history, splits, keys, settings, dev
     validate, checkpoint with `record`, log."""
     steps_per_epoch = splits["train"]["x"].shape[0] // settings.batch_size
     evaluate = steps.make_evaluate(model, settings.eval_batch_size, devices)
-    diagnose = settings.diagnostics_every and steps.make_gradient_diagnostics(
-        model, settings.diagnostics_estimates, devices)
-    fixed_batch = jax.tree.map(lambda array: array[: settings.batch_size], splits["train"])  # the diagnostics'
+    diagnose = settings.diagnostics_every and steps.make_diagnostics(model, settings.diagnostics_estimates, devices)
+    fixed_batch = jax.tree.map(lambda array: array[: settings.batch_size], splits["train"])  # the gradients'
     bar = tqdm(range(history.epoch + 1, settings.epochs + 1), desc="epochs", initial=history.epoch,
                total=settings.epochs, disable=None if settings.progress else True)
     for epoch in bar:
@@ -148,11 +145,9 @@ def train_epochs(model, train_epoch, state, history, splits, keys, settings, dev
         validation = {name: float(value) for name, value in validation.items()}
         metrics_log.write("validation", epoch, step, validation)
         if diagnose and epoch % settings.diagnostics_every == 0:
-            spread = jax.device_get(diagnose(state, fixed_batch, jax.random.fold_in(keys.diagnostics, epoch)))
-            spread = {name: float(value) for name, value in spread.items()}
-            metrics_log.write("diagnostics", epoch, step, spread)
-            log.info("epoch %d: q's gradient over %d estimates: mean variance %.3g, mean SNR %.3g", epoch,
-                     settings.diagnostics_estimates, spread["grad_variance"], spread["grad_snr"])
+            found = diagnose(state, fixed_batch, splits["validation"], jax.random.fold_in(keys.diagnostics, epoch))
+            metrics_log.write("diagnostics", epoch, step, found)
+            log.info("epoch %d: %s", epoch, steps.describe_diagnostics(found, settings.diagnostics_estimates))
 
         value = validation[model.selection_metric]
         history.epoch = epoch
@@ -220,7 +215,8 @@ def _resume(checkpoints: Checkpoints, record: dict, like):
     if epoch is None:
         return None
     saved = checkpoints.record(epoch)
-    if saved["config"] != record["config"]:
+    # A run saved before dgm gained a setting ran with its default.
+    if training_config(with_current_defaults(OmegaConf.create(saved["config"]))) != record["config"]:
         raise DgmError(f"{checkpoints.directory} holds checkpoints of another config; resume it "
                        f"with `dgm train resume={checkpoints.directory.parent}`, or choose a new hydra.run.dir")
     if saved.get("data_fingerprint", record["data_fingerprint"]) != record["data_fingerprint"]:
@@ -241,6 +237,7 @@ def run(cfg, run_dir: Path) -> dict:
     started = time.perf_counter()
     if (run_dir / "summary.json").is_file():  # finished already: nothing to do
         return OmegaConf.to_container(OmegaConf.load(run_dir / "summary.json"))
+    cfg = with_current_defaults(cfg)  # a resumed run saved before a setting existed lacks it
     cache_dir = runtime.configure(cfg)
     settings = Settings.from_config(cfg)
     data = data_lib.load(cfg.dataset, cache_dir and cache_dir / "data")
@@ -249,9 +246,9 @@ def run(cfg, run_dir: Path) -> dict:
     if settings.batch_size > len(data.train):
         raise DgmError(f"trainer.batch_size {settings.batch_size} exceeds the {len(data.train)} training examples")
     model = build_model(cfg, data.spec, settings)
-    if settings.diagnostics_every and not hasattr(model, "recognition_gradient"):
-        having = ", ".join(name for name, family in models.MODELS.items() if hasattr(family, "recognition_gradient"))
-        raise DgmError(f"trainer.diagnostics_every needs a model whose q's gradient is estimated ({having}); "
+    if settings.diagnostics_every and not steps.has_diagnostics(model):
+        having = ", ".join(name for name, family in models.MODELS.items() if steps.has_diagnostics(family))
+        raise DgmError(f"trainer.diagnostics_every needs a model with diagnostics ({having}); "
                        f"model={cfg.model.name} has none, so leave trainer.diagnostics_every=0")
     devices = runtime.Devices(settings.data_parallel, {"trainer.batch_size": settings.batch_size,
                                                        "eval.batch_size": settings.eval_batch_size})
@@ -301,6 +298,9 @@ def run(cfg, run_dir: Path) -> dict:
         "startup_seconds": record.get("startup_seconds"),
         "devices": device_names,
     }
+    if hasattr(model, "active_units"):  # of the tested parameters, on the validation set
+        summary["active_units"] = steps.active_units(model, state, devices.put(data.batches()["validation"]),
+                                                     keys.diagnostics)
     if data.true_test_nll is not None:
         summary["true_test_nll"] = data.true_test_nll
     if primary:

@@ -56,7 +56,8 @@ def test_log_mean_exp():
 @pytest.fixture(scope="module")
 def tiny_vae():
     """A VAE with a 1-d latent on 6 pixels: small enough to integrate p(x) by quadrature."""
-    config = OmegaConf.create({"name": "vae", "hidden": [8], "latent_dim": 1, "activation": "tanh", "num_samples": 1})
+    config = OmegaConf.create({"name": "vae", "hidden": [8], "latent_dim": 1, "activation": "tanh", "num_samples": 1,
+                               "prior": "standard", "num_pseudo_inputs": 1, "kl_warmup_epochs": 0, "free_bits": 0})
     model = VAE(config, Spec(5, (2, 3), None), lambda lr=None: optax.adam(1e-2))
     x = (jax.random.uniform(jax.random.key(4), (5, 6)) < 0.5).astype(jnp.float32)
     # A little training makes q a sensible proposal, as it is for a trained model.

@@ -200,3 +200,27 @@ def test_resume_takes_where_and_how_it_runs_and_nothing_else(finished_run):
             cli._train_arguments([f"resume={finished_run}", "seed=3"])
     finally:
         (finished_run / "summary.json.kept").rename(finished_run / "summary.json")
+
+
+def as_saved_before_new_settings(run, settings):
+    """Strip `settings` ({group: [key, …]}) from the run's saved config, as a dgm that had not
+    gained them yet would have written it."""
+    import yaml
+
+    path = run / ".hydra" / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    for group, keys in settings.items():
+        for key in keys:
+            config[group].pop(key)
+    path.write_text(yaml.safe_dump(config))
+
+
+def test_a_run_saved_before_a_setting_existed_reads_as_run_with_its_default(run_copy, tmp_path):
+    as_saved_before_new_settings(run_copy, {"model": ["prior", "num_pseudo_inputs", "kl_warmup_epochs", "free_bits"],
+                                            "trainer": ["diagnostics_every", "diagnostics_estimates"]})
+    result = dgm("train", "dataset=digits", *QUICK, "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0 and "has finished already; nothing to do" in result.stdout
+    result = dgm("train", "dataset=digits", *QUICK, "model.prior=vamp", "hydra.run.dir=run", cwd=tmp_path)
+    assert_one_line_error(result, "holds a run of another config", 'model.prior "standard" in the run, "vamp" here')
+    result = dgm("eval", "run", "eval.num_samples=5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr

@@ -17,11 +17,14 @@ The runner knows a model only through this contract, and a model knows nothing a
 and two class attributes: `exact_likelihood` (log_likelihood needs no samples) and
 `selection_metric` (the key of `evaluate` whose validation mean, lower is better, picks the
 best epoch). `make_optimizer(lr=None)` builds the configured optax optimizer, at another
-learning rate if given. Every method is pure and jit-compatible.
+learning rate if given; `make_optimizer.steps_per_epoch` is the run's training steps per epoch.
+Every method is pure and jit-compatible.
 
 A family whose inference net's gradient is estimated (sbn, wakesleep) also has
 `recognition_gradient(state, batch, key)`: the gradient pytree that one training step would give
-q's optimizer, which `trainer.diagnostics_every` draws many times to measure its variance.
+q's optimizer, which `trainer.diagnostics_every` draws many times to measure its variance. A
+family of continuous latents (vae) has `active_units(state, x, key)`: [layers] the active units
+of each stochastic layer over the examples x, which the same diagnostics log and the summary keeps.
 """
 
 from dgm_cli.errors import choice
