@@ -184,7 +184,7 @@ def plot_gradients(runs: list[Run], rows: list[dict], path: Path) -> None:
             labelled.add(config)
     variance_axes.set(xlabel="epoch", ylabel="mean variance per parameter", yscale="log",
                       title="variance of q's gradient estimates")
-    snr_axes.set(xlabel="epoch", ylabel="mean |mean| / std per parameter", yscale="log",
+    snr_axes.set(xlabel="epoch", ylabel="‖E g‖ / √(Σ Var g)", yscale="log",
                  title="signal-to-noise ratio")
     if 0 < len(labelled) <= 12:
         variance_axes.legend(fontsize="small")

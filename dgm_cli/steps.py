@@ -75,9 +75,11 @@ def has_diagnostics(model) -> bool:
 def make_diagnostics(model, num_estimates: int, devices):
     """(state, batch, validation data, key) -> {name: float}, what `trainer.diagnostics_every`
     logs: for a model with `recognition_gradient`, the spread of `num_estimates` independent
-    estimates of q's gradient on the one `batch`, as estimator papers report it: "grad_variance",
-    the mean over λ's parameters of each one's variance, and "grad_snr", the mean over the
-    parameters that vary of |mean| / standard deviation (Rainforth et al. 2018); for a model with
+    estimates g of q's gradient on the one `batch`, as estimator papers report it: "grad_variance",
+    the mean over λ's parameters of each one's variance, and "grad_snr", ‖E g‖ / √(Σ Var g), the
+    signal-to-noise ratio of the whole gradient (‖E g‖² estimated without the bias that the
+    variance of the mean adds). A mean of per-parameter ratios (Rainforth et al. 2018) would be
+    swamped by the near-deterministic gradients of saturated units; for a model with
     `active_units`, "active_units_l" for each stochastic layer l on the validation data."""
 
     @jax.jit
@@ -89,9 +91,9 @@ def make_diagnostics(model, num_estimates: int, devices):
 
         estimates = jax.lax.map(estimate, jax.random.split(key, num_estimates))  # [M, P], P parameters
         mean, variance = jnp.mean(estimates, 0), jnp.var(estimates, 0, ddof=1)
-        varies = variance > 0
-        snr = jnp.where(varies, jnp.abs(mean) / jnp.sqrt(jnp.where(varies, variance, 1.0)), 0.0)
-        return {"grad_variance": jnp.mean(variance), "grad_snr": jnp.sum(snr) / jnp.maximum(1, jnp.sum(varies))}
+        total = jnp.sum(variance)
+        signal = jnp.maximum(0.0, jnp.sum(jnp.square(mean)) - total / num_estimates)  # ‖E g‖², unbiased
+        return {"grad_variance": jnp.mean(variance), "grad_snr": jnp.sqrt(signal / total)}
 
     def diagnose(state, batch, validation, key):
         found = {}
