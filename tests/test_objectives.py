@@ -48,6 +48,14 @@ def test_gaussian_log_density_matches_scipy_formula():
     np.testing.assert_allclose(objectives.gaussian_log_density(z, mean, log_var), expected, rtol=1e-6)
 
 
+def test_gaussian_log_densities_by_matrix_products_match_the_broadcast_formula():
+    keys = jax.random.split(jax.random.key(0), 3)
+    z = 3.0 * jax.random.normal(keys[0], (2, 5, 4))  # [..., L]
+    means, log_vars = jax.random.normal(keys[1], (7, 4)), jax.random.uniform(keys[2], (7, 4), minval=-6.0, maxval=2.0)
+    broadcast = objectives.gaussian_log_density(z[..., None, :], means, log_vars)  # [2, 5, 7]
+    np.testing.assert_allclose(objectives.gaussian_log_densities(z, means, log_vars), broadcast, rtol=1e-5)
+
+
 def test_log_mean_exp():
     w = jnp.array([[0.0, -1e4], [math.log(3.0), -1e4 + 1]])
     np.testing.assert_allclose(objectives.log_mean_exp(w), [math.log(2.0), -1e4 + math.log((1 + math.e) / 2)], rtol=1e-6)

@@ -94,12 +94,11 @@ def _latent_setting(config):
     if not latent_dims:
         raise DgmError("model.latent_dim must be a latent size, such as 20, or a list of them, such as [100, 50]")
     hidden = config.hidden
-    if isinstance(hidden, (str, int, float)) or hidden is None or not all(
-            not isinstance(h, (str, int, float)) and h is not None for h in hidden) or len(hidden) != len(latent_dims):
+    is_list = lambda value: value is not None and not isinstance(value, (str, int, float))
+    if not (is_list(hidden) and all(is_list(sizes) for sizes in hidden) and len(hidden) == len(latent_dims)):
+        example = [[200, 200], [100, 100], [50, 50], [25, 25]][:len(latent_dims)]
         raise DgmError(f"with model.latent_dim={list(latent_dims)}, model.hidden must list the hidden sizes of each "
-                       f"of its {len(latent_dims)} stochastic layers, such as "
-                       f"{[[200, 200], [100, 100]][:len(latent_dims)] if len(latent_dims) <= 2 else '[[200], [100], [50]]'}; "
-                       f"got {hidden}")
+                       f"of its {len(latent_dims)} stochastic layers, such as {example}; got {hidden}")
     return [positive_ints(h, "model.hidden") for h in hidden], latent_dims
 
 
@@ -150,8 +149,7 @@ class VAE:
         if not self.vamp:
             return objectives.standard_normal_log_density(z)
         mean, log_var = self._vamp_components(networks)  # [K, L]
-        log_components = objectives.gaussian_log_density(z[..., None, :], mean, log_var)  # [..., K]
-        return objectives.log_mean_exp(log_components, axis=-1)
+        return objectives.log_mean_exp(objectives.gaussian_log_densities(z, mean, log_var), axis=-1)
 
     def _sample_prior(self, networks, key, n):
         if not self.vamp:
