@@ -27,7 +27,7 @@ from hydra import compose, initialize_config_module
 
 from dgm_cli import data as data_lib
 from dgm_cli import runtime, steps
-from dgm_cli.train import Settings, build_model
+from dgm_cli.loop import Settings, build_model
 
 
 def reference_log_likelihood(layers, num_samples: int, sample_batch: int):

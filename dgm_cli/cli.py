@@ -25,11 +25,22 @@ from dgm_cli.errors import DgmError
 log = logging.getLogger(__name__)
 CONFIGS = "pkg://dgm_cli.configs"
 _failed_jobs: list[str] = []  # filled by FailedJobs at the end of a sweep, read by `main`
+trained_runs: list[Path] = []  # the run directory of every job that trained, read by `dgm_cli.train`
 
 
 @hydra.main(config_path=CONFIGS, config_name="train", version_base="1.3")
-def train_app(cfg) -> dict | None:
-    from dgm_cli import rundir, train  # heavy imports (JAX, TFDS) only once a job runs
+def train_app(cfg) -> float | None:
+    """One job. -> its best validation value (lower is better), what a sweeper such as Optuna's
+    minimises; None for a job of a sweep that failed or was refused."""
+    summary = _train_job(cfg)
+    if summary is None:
+        return None  # a failed job: Optuna's sweeper records a failed trial (see `run_train_app`)
+    return next(value for name, value in summary.items() if name.startswith("best_validation_"))
+
+
+def _train_job(cfg) -> dict | None:
+    """-> the run's summary, or None if the job failed in a sweep (which goes on)."""
+    from dgm_cli import loop, rundir  # heavy imports (JAX, TFDS) only once a job runs
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -37,13 +48,14 @@ def train_app(cfg) -> dict | None:
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     if not _writes_the_run(cfg):  # another host's process of a multi-host run: process 0 writes
         _stop_logging_to_files()
-        return train.run(cfg, run_dir)
+        return loop.run(cfg, run_dir)
     try:
         with rundir.claim_for_training(run_dir, cfg, hydra_cfg) as finished:
+            trained_runs.append(run_dir)
             if finished:
                 print(f"dgm: {run_dir} has finished already; nothing to do")
                 return finished
-            return _train_or_record_failure(train, cfg, run_dir, sweeping)
+            return _train_or_record_failure(loop, cfg, run_dir, sweeping)
     except rundir.RunRefused as error:  # the run stays exactly as it was: no FAILED, nothing logged
         if not sweeping:
             raise SystemExit(f"dgm: error: {error}") from None
@@ -52,12 +64,12 @@ def train_app(cfg) -> dict | None:
         return None
 
 
-def _train_or_record_failure(train, cfg, run_dir: Path, sweeping: bool):
+def _train_or_record_failure(loop, cfg, run_dir: Path, sweeping: bool):
     (run_dir / "FAILED").unlink(missing_ok=True)  # a failure this run may now make good
     try:
-        return train.run(cfg, run_dir)
+        return loop.run(cfg, run_dir)
     except Exception as error:
-        message = _one_line(error)
+        message = one_line(error)
         expected = isinstance(error, (DgmError, OmegaConfBaseException))  # the latter: a bad ${...}
         # The reason on the first line; below it, for a fault of dgm or a library, where it arose.
         (run_dir / "FAILED").write_text(message + "\n" + ("" if expected else traceback.format_exc()))
@@ -100,16 +112,39 @@ class FailedJobs(Callback):
     """At the end of a sweep, collects the jobs that failed, so that `main` can say so."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        for marker in sorted(Path(config.hydra.sweep.dir).glob("*/FAILED")):
-            _failed_jobs.append(f"{marker.parent}: {marker.read_text().splitlines()[0]}")
+        failed = [f"{marker.parent}: {marker.read_text().splitlines()[0]}"
+                  for marker in sorted(Path(config.hydra.sweep.dir).glob("*/FAILED"))]
+        if "optuna" in str(config.hydra.sweeper.get("_target_", "")):
+            # A search expects some trials to fail (a learning rate too high diverges): Optuna
+            # has counted them as failed trials, and the search has its answer.
+            for line in failed:
+                print(f"dgm: a failed trial: {line}", file=sys.stderr)
+            return
+        _failed_jobs.extend(failed)
 
 
 def train(args: list[str]) -> None:
-    # dgm writes .hydra/ itself, once the run directory is known to be free and its own.
-    sys.argv = ["dgm train", *_train_arguments(args), "hydra.output_subdir=null"]
-    train_app()
+    run_train_app(args)
     if _failed_jobs:
         raise DgmError(f"{len(_failed_jobs)} job(s) of the sweep failed, the others ran: " + "; ".join(_failed_jobs))
+
+
+def run_train_app(args: list[str]) -> None:
+    """The `train` Hydra app on `args`, as the command line gives them."""
+    _failed_jobs.clear()
+    trained_runs.clear()
+    args = _train_arguments(args)
+    if "hydra/sweeper=optuna" in args and not any(arg.startswith("hydra.sweeper.max_failure_rate=") for arg in args):
+        # Optuna's sweeper counts a job that returns no value as a failed trial, and by default
+        # stops the search at the first: a search expects some (a learning rate that diverges).
+        args.append("hydra.sweeper.max_failure_rate=1.0")
+    # Hydra's parser takes the overrides in one run after the flags (`--cfg job`). dgm writes
+    # .hydra/ itself, once the run directory is known to be free and its own: said here, not in
+    # train.yaml, because a resumed or rerun run's primary config is its own saved one.
+    is_override = [not arg.startswith("-") and ("=" in arg or arg.startswith("~")) for arg in args]
+    sys.argv = ["dgm train", *(arg for arg, override in zip(args, is_override) if not override),
+                *(arg for arg, override in zip(args, is_override) if override), "hydra.output_subdir=null"]
+    train_app()
 
 
 # What may differ when a run goes on: where and how it runs and what it measures on the side,
@@ -122,15 +157,16 @@ def _train_arguments(args: list[str]) -> list[str]:
     resume = [arg for arg in args if arg.startswith("resume=")]
     if resume:
         others = [arg for arg in args if arg not in resume]
-        refused = [arg for arg in others if not arg.startswith(RESUME_OVERRIDES)]
+        refused = [arg for arg in others if not arg.startswith((*RESUME_OVERRIDES, "trainer.epochs="))]
         if refused or len(resume) > 1:
             raise DgmError(f"resume=RUN takes no {' '.join(refused or resume)}: a resumed run keeps its own config "
-                           f"(it takes only {', '.join(a + '…' for a in RESUME_OVERRIDES)})")
+                           f"(it takes only {', '.join(a + '…' for a in RESUME_OVERRIDES)}, and trainer.epochs=N "
+                           f"to go on to N epochs)")
         from dgm_cli.runs import run_directory
 
         run = run_directory(resume[0].split("=", 1)[1]).absolute()
-        if (run / "summary.json").is_file():
-            print(f"dgm: {run} has finished; nothing to resume")
+        if (run / "summary.json").is_file() and not any(arg.startswith("trainer.epochs=") for arg in others):
+            print(f"dgm: {run} has finished; nothing to resume (trainer.epochs=N takes it on to N epochs)")
             sys.exit(0)
         return ["--config-path", str(run / ".hydra"), "--config-name", "config",
                 f"hydra.run.dir='{run}'", "hydra.job.name=train", *others]
@@ -241,7 +277,7 @@ def _usage() -> str:
     return USAGE.format(commands=commands)
 
 
-def _one_line(error: Exception) -> str:
+def one_line(error: Exception) -> str:
     if isinstance(error, MissingConfigException) and error.options is not None:
         group, _, name = (error.missing_cfg_file or "").rpartition("/")
         return f"unknown {group} {name!r}; choose from: {', '.join(error.options)}"
@@ -276,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     except (HydraException, OmegaConfBaseException, DgmError) as error:
         if wants_traceback:
             raise
-        sys.exit(f"dgm: error: {_one_line(error)}")
+        sys.exit(f"dgm: error: {one_line(error)}")
     except KeyboardInterrupt:
         print("dgm: interrupted; the checkpoints written so far are kept", file=sys.stderr)
         sys.exit(130)
@@ -286,4 +322,4 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as error:  # not a bad input that dgm knows: still one line, and where to look
         if wants_traceback:
             raise
-        sys.exit(f"dgm: error: {type(error).__name__}: {_one_line(error)} (HYDRA_FULL_ERROR=1 shows the traceback)")
+        sys.exit(f"dgm: error: {type(error).__name__}: {one_line(error)} (HYDRA_FULL_ERROR=1 shows the traceback)")

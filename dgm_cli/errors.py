@@ -36,6 +36,12 @@ def positive_ints(values, name: str) -> list[int]:
     return [positive_int(value, f"every entry of {name}") for value in values]
 
 
+def non_negative_float(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise DgmError(f"{name} must be a non-negative number, got {value!r}")
+    return float(value)
+
+
 def positive_float(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise DgmError(f"{name} must be a positive number, got {value!r}")

@@ -25,9 +25,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from dgm_cli import data as data_lib
 from dgm_cli import metrics, models, optim, pictures, runtime, steps
 from dgm_cli.checkpoints import Checkpoints
-from dgm_cli.errors import DgmError, integer, non_negative_int, positive_int
+from dgm_cli.errors import DgmError, integer, non_negative_float, non_negative_int, positive_int
 from dgm_cli.metrics import MetricsLog, write_json_atomically
-from dgm_cli.rundir import training_config, with_current_defaults
+from dgm_cli.rundir import as_saved, training_config, with_current_defaults
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class Settings:
     data_parallel: bool
     diagnostics_every: int  # epochs between gradient-variance diagnostics; 0: none
     diagnostics_estimates: int
+    patience: int  # epochs without a better validation value before training stops; 0: never
+    min_delta: float  # how much lower than the best a validation value must be to count as better
 
     @classmethod
     def from_config(cls, cfg) -> "Settings":
@@ -62,6 +64,8 @@ class Settings:
             data_parallel=bool(cfg.trainer.data_parallel),
             diagnostics_every=non_negative_int(cfg.trainer.diagnostics_every, "trainer.diagnostics_every"),
             diagnostics_estimates=_at_least_two(cfg.trainer.diagnostics_estimates, "trainer.diagnostics_estimates"),
+            patience=non_negative_int(cfg.trainer.patience, "trainer.patience"),
+            min_delta=non_negative_float(cfg.trainer.min_delta, "trainer.min_delta"),
         )
 
 
@@ -101,6 +105,15 @@ class History:
     best_value: float = math.inf
     examples_per_sec: list[float] = dataclasses.field(default_factory=list)
 
+    def stop_reason(self, settings: Settings) -> str | None:
+        """Why training ends here, or None while it goes on."""
+        if self.epoch >= settings.epochs:
+            return f"trainer.epochs={settings.epochs} reached"
+        if settings.patience and self.best_epoch is not None and self.epoch - self.best_epoch >= settings.patience:
+            return (f"trainer.patience={settings.patience}: no better validation value in the "
+                    f"{self.epoch - self.best_epoch} epochs after epoch {self.best_epoch}")
+        return None
+
 
 def build_model(cfg, spec: data_lib.Spec, settings: Settings):
     """The configured model for data of this `spec`, its optimizer built for its schedule."""
@@ -132,6 +145,10 @@ def train_epochs(model, train_epoch, state, history, splits, keys, settings, dev
     bar = tqdm(range(history.epoch + 1, settings.epochs + 1), desc="epochs", initial=history.epoch,
                total=settings.epochs, disable=None if settings.progress else True)
     for epoch in bar:
+        if history.stop_reason(settings):  # patience ran out, before a kill or in this process
+            bar.close()
+            log.info("stopped at epoch %d: %s", history.epoch, history.stop_reason(settings))
+            break
         started = time.perf_counter()
         state, step_metrics = train_epoch(state, splits["train"], jax.random.fold_in(keys.train, epoch))
         step_metrics = jax.device_get(step_metrics)  # the epoch's one host transfer
@@ -152,9 +169,12 @@ def train_epochs(model, train_epoch, state, history, splits, keys, settings, dev
         value = validation[model.selection_metric]
         history.epoch = epoch
         history.examples_per_sec.append(rate)
-        if value < history.best_value:
+        if value < history.best_value - settings.min_delta:
             history.best_epoch, history.best_value = epoch, value
-        checkpoints.save(epoch, state, value, {**record, "history": dataclasses.asdict(history)})
+        # Only the best epoch competes to be kept as the best: with trainer.min_delta a lower
+        # validation value need not count as better.
+        checkpoints.save(epoch, state, value if history.best_epoch == epoch else math.inf,
+                         {**record, "history": dataclasses.asdict(history)})
         bar.set_postfix(loss=f"{train['loss']:.2f}", validation=f"{value:.2f}", best=history.best_epoch)
         log.info("epoch %d/%d: train loss %.3f, validation %s %.3f, %.0f examples/s",
                  epoch, settings.epochs, train["loss"], model.selection_metric, value, rate)
@@ -216,7 +236,8 @@ def _resume(checkpoints: Checkpoints, record: dict, like):
         return None
     saved = checkpoints.record(epoch)
     # A run saved before dgm gained a setting ran with its default.
-    if training_config(with_current_defaults(OmegaConf.create(saved["config"]))) != record["config"]:
+    saved_config = training_config(with_current_defaults(OmegaConf.create(saved["config"])))
+    if as_saved(saved_config, record["config"], checkpoints.directory.parent) != saved_config:
         raise DgmError(f"{checkpoints.directory} holds checkpoints of another config; resume it "
                        f"with `dgm train resume={checkpoints.directory.parent}`, or choose a new hydra.run.dir")
     if saved.get("data_fingerprint", record["data_fingerprint"]) != record["data_fingerprint"]:
@@ -293,6 +314,8 @@ def run(cfg, run_dir: Path) -> dict:
         "best_epoch": history.best_epoch,
         f"best_validation_{model.selection_metric}": history.best_value,
         "epochs": settings.epochs,
+        "epochs_trained": history.epoch,
+        "stop_reason": history.stop_reason(settings),
         "train_examples_per_sec": statistics.median(history.examples_per_sec[1:] or history.examples_per_sec),
         "wall_seconds": time.perf_counter() - started,
         "startup_seconds": record.get("startup_seconds"),

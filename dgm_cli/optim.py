@@ -6,12 +6,11 @@ have an optimizer config of its own (the log-linear M-step's `model.m_step_optim
 same way.
 """
 
-import math
 
 import optax
 from omegaconf import OmegaConf
 
-from dgm_cli.errors import DgmError, choice, positive_float
+from dgm_cli.errors import DgmError, choice, non_negative_float, positive_float
 
 OPTIMIZERS = {
     "adam": optax.adam,
@@ -21,18 +20,12 @@ OPTIMIZERS = {
 }
 
 
-def _non_negative_float(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-        raise DgmError(f"{name} must be a non-negative number, got {value!r}")
-    return float(value)
-
-
 def _constant(lr, config, total_steps, steps_per_epoch):
     return optax.constant_schedule(lr)
 
 
 def _cosine(lr, config, total_steps, steps_per_epoch):
-    warmup_epochs = _non_negative_float(config.warmup_epochs, "schedule.warmup_epochs")
+    warmup_epochs = non_negative_float(config.warmup_epochs, "schedule.warmup_epochs")
     final_fraction = config.final_fraction
     if isinstance(final_fraction, bool) or not isinstance(final_fraction, (int, float)) or not 0 <= final_fraction <= 1:
         # Below 0 the learning rate would turn negative and the optimizer ascend the loss.
@@ -56,6 +49,8 @@ def _exponential(lr, config, total_steps, steps_per_epoch):
 
 
 SCHEDULES = {"constant": _constant, "cosine": _cosine, "exponential": _exponential}
+# Those shaped by the run's length: a run taken on to more epochs would not follow its schedule.
+SHAPED_BY_LENGTH = {"cosine"}
 
 
 def _builder(optimizer_config, where: str):

@@ -193,11 +193,27 @@ def plot_gradients(runs: list[Run], rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def search_result(directory: Path, runs: list[Run]) -> str | None:
+    """The line that names the best trial of an Optuna search (Hydra's sweeper leaves its
+    optimization_results.yaml in the sweep directory), or None for another folder."""
+    path = directory / "optimization_results.yaml"
+    if not path.is_file():
+        return None
+    result = yaml.safe_load(path.read_text())
+    chosen = [f"{name}={value}" for name, value in result["best_params"].items()]
+    trial = next((run.path for run in runs if set(chosen) <= set(run.overrides)), None)
+    return (f"Optuna's best trial: `{' '.join(chosen)}`, best validation value {result['best_value']:.4f}"
+            + (f" ({trial})" if trial else "") + f"; {len(runs)} trials")
+
+
 def report(directory: Path) -> tuple[str, list[str]]:
     """The table as markdown, and the names of the files written into `directory`."""
     runs = find_runs(directory)
     rows = table(runs)
     text = markdown(rows, shared_overrides(runs))
+    search = search_result(directory, runs)
+    if search:
+        text = search + "\n\n" + text
     (directory / "report.md").write_text(text)
     with open(directory / "report.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=COLUMNS)

@@ -21,6 +21,8 @@ from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from dgm_cli.errors import DgmError
+from dgm_cli.metrics import write_atomically
+from dgm_cli.optim import SHAPED_BY_LENGTH
 
 LOCK = ".lock"
 SAVED_CONFIG = Path(".hydra") / "config.yaml"
@@ -118,18 +120,48 @@ def saved_config(run_dir: Path):
         raise RunRefused(f"{path} cannot be read ({str(error).splitlines()[0]})") from None
 
 
-def check_matches(run_dir: Path, cfg) -> None:
-    """Refuse, naming what differs, unless `cfg` trains what the run's saved config trains."""
+def as_saved(saved: dict, wanted: dict, run_dir: Path) -> dict:
+    """`wanted` (a training_config) as the run with the `saved` one reads it: asking for more
+    epochs than the run's is asking it to go on, which needs a schedule that does not depend on
+    the run's length (or the run would not end as one trained that long from the start)."""
+    before, after = saved["trainer"]["epochs"], wanted["trainer"]["epochs"]
+    if not (isinstance(before, int) and isinstance(after, int) and after > before):
+        return wanted
+    schedule = saved["schedule"]["name"]
+    if schedule in SHAPED_BY_LENGTH:
+        raise RunRefused(f"{run_dir} cannot go on to trainer.epochs={after}: its schedule.name={schedule} is shaped "
+                         f"by its {before} epochs, so it would not end as a run of {after} epochs does; train "
+                         f"that afresh with `dgm rerun {run_dir} trainer.epochs={after}`")
+    return {**wanted, "trainer": {**wanted["trainer"], "epochs": before}}
+
+
+def check_matches(run_dir: Path, cfg) -> bool:
+    """Refuse, naming what differs, unless `cfg` trains what the run's saved config trains, or
+    the same for more epochs. -> whether it asks for more epochs than the run has."""
     saved = saved_config(run_dir)
     if saved is None:
-        return
+        return False
     try:
-        changed = differences(training_config(saved), training_config(with_current_defaults(cfg)))
+        saved, wanted = training_config(saved), training_config(with_current_defaults(cfg))
     except OmegaConfBaseException as error:
         raise RunRefused(f"{run_dir / SAVED_CONFIG} cannot be resolved ({str(error).splitlines()[0]})") from None
+    changed = differences(saved, as_saved(saved, wanted, run_dir))
     if changed:
         raise RunRefused(f"{run_dir} holds a run of another config ({brief(changed)}); go on with it by "
                          f"`dgm train resume={run_dir}`, or choose a new hydra.run.dir")
+    return wanted["trainer"]["epochs"] != saved["trainer"]["epochs"]
+
+
+def _extend(run_dir: Path, cfg) -> None:
+    """Make the run one of `cfg`'s epochs: its saved config and overrides say so, and it is no
+    longer finished (its test figures stay in evaluations.jsonl; the loop writes a new summary)."""
+    epochs = cfg.trainer.epochs
+    overrides = [o for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml") if not o.startswith("trainer.epochs=")]
+    saved = OmegaConf.load(run_dir / SAVED_CONFIG)
+    saved.trainer.epochs = epochs
+    write_atomically(run_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml([*overrides, f"trainer.epochs={epochs}"]))
+    write_atomically(run_dir / SAVED_CONFIG, OmegaConf.to_yaml(saved))
+    (run_dir / "summary.json").unlink(missing_ok=True)
 
 
 def save_hydra_files(run_dir: Path, cfg, hydra_cfg) -> None:
@@ -161,6 +193,7 @@ def claim_for_training(run_dir: Path, cfg, hydra_cfg):
     the run's summary if it has finished already, else None."""
     command = " ".join(["dgm train", *hydra_cfg.overrides.task])
     with exclusive(run_dir, command if len(command) < 200 else command[:197] + "..."):
-        check_matches(run_dir, cfg)
+        if check_matches(run_dir, cfg):
+            _extend(run_dir, cfg)
         save_hydra_files(run_dir, cfg, hydra_cfg)
         yield summary(run_dir)

@@ -8,7 +8,7 @@ import jax
 from omegaconf import OmegaConf
 
 from dgm_cli import data as data_lib
-from dgm_cli import metrics, pictures, rundir, runtime, train
+from dgm_cli import metrics, pictures, rundir, runtime, loop
 from dgm_cli.checkpoints import Checkpoints
 from dgm_cli.errors import DgmError, positive_int
 from dgm_cli.metrics import write_json_atomically
@@ -23,8 +23,8 @@ def run_directory(path) -> Path:
     return run
 
 
-def _best_model(run: Path, cfg):
-    """The run's model, its state at the best epoch, and the checkpoint's record."""
+def best_model(run: Path, cfg):
+    """(model, its state at the run's best epoch so far, data Spec, Settings, the best epoch)."""
     if not (run / "checkpoints").is_dir():
         raise DgmError(f"{run} has no checkpoint yet")
     with Checkpoints(run / "checkpoints") as checkpoints:
@@ -33,8 +33,8 @@ def _best_model(run: Path, cfg):
             raise DgmError(f"{run} has no checkpoint yet")
         record = checkpoints.record(latest)
         spec = data_lib.Spec(**{**record["spec"], "image_shape": tuple(record["spec"]["image_shape"])})
-        settings = train.Settings.from_config(cfg)
-        model = train.build_model(cfg, spec, settings)
+        settings = loop.Settings.from_config(cfg)
+        model = loop.build_model(cfg, spec, settings)
         best_epoch = record["history"]["best_epoch"]
         state = checkpoints.restore(best_epoch, like=jax.eval_shape(model.init, jax.random.key(0)))
     return model, state, spec, settings, best_epoch
@@ -94,10 +94,10 @@ def evaluate(args: list[str]) -> None:
     cfg = _config(run, overrides, ("eval.",))
     with rundir.exclusive(run, "dgm eval"):
         cache_dir = runtime.configure(cfg)
-        model, state, spec, settings, best_epoch = _best_model(run, cfg)
+        model, state, spec, settings, best_epoch = best_model(run, cfg)
         data = data_lib.load(cfg.dataset, cache_dir and cache_dir / "data")
         devices = runtime.Devices(data_parallel=False)
-        test, evaluation = train.test_evaluation(model, state, data.batches()["test"], options["seed"], best_epoch,
+        test, evaluation = loop.test_evaluation(model, state, data.batches()["test"], options["seed"], best_epoch,
                                                  settings, devices, "dgm eval")
         samples = evaluation["num_samples"]
         print(f"{run}: epoch {best_epoch}, test NLL {test['nll']:.4f} nats ({samples or 'exact, no'} samples, "
@@ -137,9 +137,9 @@ def sample(args: list[str]) -> None:
     count = positive_int(options["n"], "n")
     with rundir.exclusive(run, "dgm sample"):
         runtime.configure(cfg)
-        model, state, spec, _, best_epoch = _best_model(run, cfg)
+        model, state, spec, _, best_epoch = best_model(run, cfg)
         # The key the run drew its own samples.png with, for the run's seed.
-        key, _ = train.Keys.from_seed(options["seed"]).picture_keys()
+        key, _ = loop.Keys.from_seed(options["seed"]).picture_keys()
         path = run / "samples" / f"sample-n{count}-seed{options['seed']}.png"
         pictures.save_grid(path, model.sample(state, key, count), spec.image_shape)
     print(f"{count} samples of epoch {best_epoch}: {path}")

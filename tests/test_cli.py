@@ -34,6 +34,8 @@ def test_help_lists_the_commands(tmp_path):
 def test_hydra_flags_pass_through(tmp_path):
     result = dgm("train", "--cfg", "job", "model.latent_dim=7", cwd=tmp_path)
     assert result.returncode == 0 and "latent_dim: 7" in result.stdout
+    result = dgm("train", "model.latent_dim=7", "--cfg", "job", cwd=tmp_path)  # the flag after the overrides
+    assert result.returncode == 0 and "latent_dim: 7" in result.stdout
     result = dgm("train", "--info", "searchpath", cwd=tmp_path)
     assert result.returncode == 0 and "pkg://dgm_cli.configs" in result.stdout
     assert not (tmp_path / "outputs").exists()

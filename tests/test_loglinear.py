@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from dgm_cli import data as data_lib
-from dgm_cli import train
+from dgm_cli import loop
 from dgm_cli.data import Spec, sample_bars
 from dgm_cli.errors import DgmError
 from dgm_cli.models.loglinear import LogLinear
@@ -70,7 +70,7 @@ def test_the_readme_gradient_em_command_learns_the_bars(make_config, tmp_path):
     """`dgm train model=loglinear dataset=bars model.features=pairwise model.m_step=gradient`, for
     5 of its 30 EM iterations: from about 11 nats, 8.6 above the bars' exact 2.50, to 2.67 (2.64
     and 2.65 with seeds 1 and 2). With the run's optimizer (adam, lr 1e-3) in the M-step, 9.2."""
-    summary = train.run(make_config("model=loglinear", "dataset=bars", "model.features=pairwise",
+    summary = loop.run(make_config("model=loglinear", "dataset=bars", "model.features=pairwise",
                                     "model.m_step=gradient", "trainer.epochs=5", "trainer.progress=false"), tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     start = records[0]["loss"]  # the first iteration's −log p(x) on train: before any M-step
@@ -133,7 +133,7 @@ def test_learns_a_known_mixture_down_to_its_entropy(make_config, tmp_path):
     np.savez(tmp_path / "mixture.npz", **arrays)
     x = arrays["test"][:, None, :]
     true_nll = -np.mean(np.log(np.sum(weights * np.prod(np.where(x == 1, means, 1 - means), axis=-1), axis=-1)))
-    summary = train.run(make_config("model=loglinear", "model.num_components=3", "dataset=numpy",
+    summary = loop.run(make_config("model=loglinear", "model.num_components=3", "dataset=numpy",
                                     f"dataset.path={tmp_path / 'mixture.npz'}", "trainer.epochs=60",
                                     "trainer.progress=false"), tmp_path / "run")
     assert summary["test_nll_samples"] == 0  # exact, with no samples
@@ -143,7 +143,7 @@ def test_learns_a_known_mixture_down_to_its_entropy(make_config, tmp_path):
 
 @pytest.mark.slow
 def test_observed_z_fits_each_class_to_its_own_examples(make_config, tmp_path):
-    summary = train.run(make_config("model=loglinear", "dataset=digits", "model.observed_z=true",
+    summary = loop.run(make_config("model=loglinear", "dataset=digits", "model.observed_z=true",
                                     "trainer.epochs=2", "trainer.progress=false"), tmp_path)
     assert np.isfinite(summary["test_nll"])
     # The closed-form M-step on labelled data: each class's smoothed pixel means.
@@ -156,7 +156,7 @@ def test_observed_z_fits_each_class_to_its_own_examples(make_config, tmp_path):
 
 
 def test_stepwise_em_on_minibatches_learns(make_config, tmp_path):
-    summary = train.run(make_config("model=loglinear", "dataset=digits", "trainer.batch_size=100",
+    summary = loop.run(make_config("model=loglinear", "dataset=digits", "trainer.batch_size=100",
                                     "trainer.epochs=5", "trainer.progress=false"), tmp_path)
     assert summary["test_nll"] < 25  # independent pixels: about 28 nats
 
@@ -175,4 +175,4 @@ def test_stepwise_em_on_minibatches_learns(make_config, tmp_path):
 def test_bad_settings(make_config, tmp_path, overrides, message):
     dataset = [] if any(o.startswith("dataset=") for o in overrides) else ["dataset=digits"]
     with pytest.raises(DgmError, match=message):
-        train.run(make_config("model=loglinear", "model.num_components=4", *dataset, *overrides), tmp_path)
+        loop.run(make_config("model=loglinear", "model.num_components=4", *dataset, *overrides), tmp_path)

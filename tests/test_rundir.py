@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from dgm_cli import cli, rundir, steps, train
+from dgm_cli import cli, rundir, steps, loop
 from dgm_cli.errors import DgmError
 from tests.conftest import QUICK
 from tests.test_cli import assert_one_line_error, dgm
@@ -127,7 +127,7 @@ def test_the_report_marks_exact_figures(tmp_path):
 def test_the_test_pass_logs_its_progress_and_the_devices(make_config, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(steps, "LOG_EVERY_SECONDS", 0.0)
     with caplog.at_level("INFO"):
-        summary = train.run(make_config("dataset=digits", *QUICK, "eval.num_samples=200", "eval.sample_batch=1000"),
+        summary = loop.run(make_config("dataset=digits", *QUICK, "eval.num_samples=200", "eval.sample_batch=1000"),
                             tmp_path)
     assert "computing on 1 device(s): cpu" in caplog.text and summary["devices"] == ["cpu"]
     progress = [line for line in caplog.text.splitlines() if "test log-likelihood:" in line]
@@ -139,12 +139,12 @@ def test_the_data_a_killed_run_goes_on_with_must_be_its_own(make_config, tmp_pat
     images = (np.random.default_rng(0).random((300, 16)) < 0.3).astype(np.uint8)
     np.savez(path, train=images[:200], validation=images[200:250], test=images[250:])
     config = make_config("dataset=numpy", f"dataset.path={path}", *QUICK)
-    train.run(config, tmp_path / "run")
+    loop.run(config, tmp_path / "run")
     (tmp_path / "run" / "summary.json").unlink()  # as if killed before its end
     images[0] = 1 - images[0]
     np.savez(path, train=images[:200], validation=images[200:250], test=images[250:])
     with pytest.raises(DgmError, match="the data of numpy changed since the checkpoint of epoch 2"):
-        train.run(config, tmp_path / "run")
+        loop.run(config, tmp_path / "run")
 
 
 @pytest.mark.slow
@@ -202,6 +202,36 @@ def test_resume_takes_where_and_how_it_runs_and_nothing_else(finished_run):
         (finished_run / "summary.json.kept").rename(finished_run / "summary.json")
 
 
+@pytest.mark.slow
+def test_a_finished_run_goes_on_to_more_epochs_and_ends_as_one_trained_that_long(tmp_path):
+    def records(run):  # every value but the timings
+        return [{k: v for k, v in json.loads(line).items() if k not in ("examples_per_sec", "seconds")}
+                for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    constant = ["dataset=digits", *QUICK, "schedule=constant"]  # two epochs
+    assert dgm("train", *constant, "hydra.run.dir=short", cwd=tmp_path).returncode == 0
+    result = dgm("train", "resume=short", "trainer.epochs=4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert dgm("train", *constant, "trainer.epochs=4", "hydra.run.dir=long", cwd=tmp_path).returncode == 0
+    assert records("short") == records("long")
+    short, long = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("short", "long"))
+    assert short["test_nll"] == long["test_nll"] and short["epochs"] == short["epochs_trained"] == 4
+    evaluations = [json.loads(line) for line in (tmp_path / "short" / "evaluations.jsonl").read_text().splitlines()]
+    assert len(evaluations) == 2 and evaluations[-1]["nll"] == long["test_nll"]  # the two-epoch figure is kept
+    assert "epochs: 4" in (tmp_path / "short" / ".hydra" / "config.yaml").read_text()
+    assert (tmp_path / "short" / ".hydra" / "overrides.yaml").read_text().strip().endswith("- trainer.epochs=4")
+    result = dgm("train", *constant, "trainer.epochs=4", "hydra.run.dir=short", cwd=tmp_path)
+    assert "has finished already; nothing to do" in result.stdout  # it is a four-epoch run now
+
+    assert dgm("train", "dataset=digits", *QUICK, "schedule=cosine", "hydra.run.dir=cosine", cwd=tmp_path).returncode == 0
+    before = snapshot(tmp_path / "cosine")
+    assert_one_line_error(dgm("train", "resume=cosine", "trainer.epochs=4", cwd=tmp_path),
+                          "cannot go on to trainer.epochs=4: its schedule.name=cosine is shaped by its 2 epochs")
+    assert_one_line_error(dgm("train", "resume=short", "trainer.epochs=3", cwd=tmp_path),
+                          'trainer.epochs 4 in the run, 3 here')
+    assert snapshot(tmp_path / "cosine") == before
+
+
 def as_saved_before_new_settings(run, settings):
     """Strip `settings` ({group: [key, …]}) from the run's saved config, as a dgm that had not
     gained them yet would have written it."""
@@ -217,7 +247,7 @@ def as_saved_before_new_settings(run, settings):
 
 def test_a_run_saved_before_a_setting_existed_reads_as_run_with_its_default(run_copy, tmp_path):
     as_saved_before_new_settings(run_copy, {"model": ["prior", "num_pseudo_inputs", "kl_warmup_epochs", "free_bits"],
-                                            "trainer": ["diagnostics_every", "diagnostics_estimates"]})
+                                            "trainer": ["diagnostics_every", "diagnostics_estimates", "patience", "min_delta"]})
     result = dgm("train", "dataset=digits", *QUICK, "hydra.run.dir=run", cwd=tmp_path)
     assert result.returncode == 0 and "has finished already; nothing to do" in result.stdout
     result = dgm("train", "dataset=digits", *QUICK, "model.prior=vamp", "hydra.run.dir=run", cwd=tmp_path)

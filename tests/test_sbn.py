@@ -10,7 +10,7 @@ import optax
 import pytest
 from omegaconf import OmegaConf
 
-from dgm_cli import estimators, objectives, runtime, steps, train
+from dgm_cli import estimators, objectives, runtime, steps, loop
 from dgm_cli.data import Spec
 from dgm_cli.errors import DgmError
 from dgm_cli.metrics import read_records
@@ -203,7 +203,7 @@ def test_training_steps_carry_the_running_statistics():
 def test_an_optimizer_that_needs_the_parameters_trains_every_estimator(make_config, tmp_path):
     """adamw's weight decay reads the parameters; the estimators without baseline nets have none."""
     for estimator in ("vimco", "nvil"):
-        summary = train.run(make_config("experiment=sbn_mnist", f"method={estimator}", "dataset=digits",
+        summary = loop.run(make_config("experiment=sbn_mnist", f"method={estimator}", "dataset=digits",
                                         "model.layers=[10]", "optimizer=adamw", "trainer.epochs=1",
                                         "trainer.progress=false", "eval.num_samples=5", "trainer.num_pictures=4"),
                             tmp_path / estimator)
@@ -221,7 +221,7 @@ def test_an_optimizer_that_needs_the_parameters_trains_every_estimator(make_conf
 ])
 def test_bad_settings(make_config, tmp_path, override, message):
     with pytest.raises(DgmError, match=message) as error:
-        train.run(make_config("model=sbn", "dataset=digits", *override), tmp_path)
+        loop.run(make_config("model=sbn", "dataset=digits", *override), tmp_path)
     assert "\n" not in str(error.value)
 
 
@@ -229,7 +229,7 @@ def test_bad_settings(make_config, tmp_path, override, message):
 @pytest.mark.parametrize("estimator,num_samples", [
     ("reinforce", 1), ("nvil", 1), ("vimco", 5), ("disarm", 1), ("concrete", 1)])
 def test_every_estimator_learns_the_bars(make_config, tmp_path, estimator, num_samples):
-    summary = train.run(make_config(
+    summary = loop.run(make_config(
         "model=sbn", "dataset=bars", "model.layers=[8]", f"model.estimator={estimator}",
         f"model.num_samples={num_samples}", "trainer.epochs=20", "trainer.batch_size=20", "optimizer.lr=0.03",
         "trainer.progress=false", "eval.num_samples=500"), tmp_path)
@@ -268,5 +268,5 @@ def test_diagnostics_every_few_epochs_go_to_the_metrics_and_the_report(tmp_path,
 def test_diagnostics_of_a_model_without_any_fail_in_one_line(make_config, tmp_path):
     with pytest.raises(DgmError, match=r"trainer.diagnostics_every needs a model with diagnostics "
                                        r"\(vae, wakesleep, sbn\); model=loglinear has none") as error:
-        train.run(make_config("model=loglinear", "dataset=digits", "trainer.diagnostics_every=1"), tmp_path)
+        loop.run(make_config("model=loglinear", "dataset=digits", "trainer.diagnostics_every=1"), tmp_path)
     assert "\n" not in str(error.value)

@@ -1,5 +1,6 @@
 """The VAE with several stochastic layers, KL warm-up, free bits, the VampPrior and active units."""
 
+import json
 import math
 
 import jax
@@ -9,7 +10,7 @@ import optax
 import pytest
 from omegaconf import OmegaConf
 
-from dgm_cli import objectives, train
+from dgm_cli import objectives, loop
 from dgm_cli.data import Spec
 from dgm_cli.errors import DgmError
 from dgm_cli.models.vae import VAE
@@ -123,7 +124,8 @@ def test_active_units_count_the_units_whose_posterior_mean_varies():
 
 @pytest.mark.parametrize("override,message", [
     (["model.latent_dim=[]"], "model.latent_dim must be a latent size, such as 20, or a list of them"),
-    (["model.latent_dim=[100,50]"], r"with model.latent_dim=\[100, 50\], model.hidden must list the hidden sizes of each of its 2"),
+    (["model.latent_dim=[100,50]"], r"with model.latent_dim=\[100, 50\], model.hidden must list the hidden sizes of each of its 2 "
+                                    r"stochastic layers, such as \[\[200, 200\], \[100, 100\]\]; got \[400\]"),
     (["model.kl_warmup_epochs=-1"], "model.kl_warmup_epochs must be a non-negative number of epochs, got -1"),
     (["model.free_bits=-0.5"], "model.free_bits must be a non-negative number of nats per layer"),
     (["model.free_bits=1", "model.num_samples=5"], "model.free_bits floors each layer's KL in the ELBO"),
@@ -132,7 +134,7 @@ def test_active_units_count_the_units_whose_posterior_mean_varies():
 ])
 def test_bad_settings(make_config, tmp_path, override, message):
     with pytest.raises(DgmError, match=message) as error:
-        train.run(make_config("model=vae", "dataset=digits", *override), tmp_path)
+        loop.run(make_config("model=vae", "dataset=digits", *override), tmp_path)
     assert "\n" not in str(error.value)
 
 
@@ -143,10 +145,7 @@ def test_a_two_layer_vamp_vae_with_warm_up_trains_and_reports_its_active_units(t
                  "trainer.num_pictures=4", "hydra.run.dir=run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     run = tmp_path / "run"
-    summary = (run / "summary.json").read_text()
-    import json
-
-    summary = json.loads(summary)
+    summary = json.loads((run / "summary.json").read_text())
     assert len(summary["active_units"]) == 2 and all(0 <= c <= n for c, n in zip(summary["active_units"], [8, 4]))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"kl_1", "kl_2", "kl_weight", "objective"} <= set(next(r for r in records if r["split"] == "train"))

@@ -10,7 +10,7 @@ import pytest
 import scipy.stats
 from omegaconf import OmegaConf
 
-from dgm_cli import train
+from dgm_cli import loop
 from dgm_cli.data import Spec
 from dgm_cli.errors import DgmError
 from dgm_cli.models.helmholtz import bernoulli, bernoulli_16bit
@@ -169,7 +169,7 @@ def test_both_phases_update_q_by_the_sum_of_the_sleep_and_the_wake_update():
 
 @pytest.mark.slow
 def test_classic_wake_sleep_learns_the_bars(make_config, tmp_path):
-    summary = train.run(make_config(
+    summary = loop.run(make_config(
         "model=wakesleep", "model.layers=[8,1]", "dataset=bars", "trainer.epochs=40",
         "trainer.batch_size=20", "optimizer.lr=0.03", "trainer.progress=false", "eval.num_samples=500"), tmp_path)
     # 16 independent pixels would cost 8 nats here; the bars' entropy is 2.5.
@@ -186,4 +186,4 @@ def test_classic_wake_sleep_learns_the_bars(make_config, tmp_path):
 ])
 def test_bad_settings(make_config, tmp_path, override, message):
     with pytest.raises(DgmError, match=message):
-        train.run(make_config("model=wakesleep", "dataset=digits", override), tmp_path)
+        loop.run(make_config("model=wakesleep", "dataset=digits", override), tmp_path)
