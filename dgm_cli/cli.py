@@ -238,14 +238,24 @@ def sample(args: list[str]) -> None:
     runs.sample(args)
 
 
+REPORT_USAGE = "usage: dgm report DIR [--format markdown|latex] (DIR: a run directory, or a folder of them such as a sweep's)"
+
+
 def report(args: list[str]) -> None:
-    if len(args) != 1 or args[0].startswith("-"):
-        raise DgmError("usage: dgm report DIR (a run directory, or a folder of them such as a sweep's)")
+    format = "markdown"
+    if len(args) == 3 and args[1] == "--format" or len(args) == 2 and args[1].startswith("--format="):
+        format = args[2] if len(args) == 3 else args[1].split("=", 1)[1]
+        args = args[:1]
+    if len(args) != 1 or args[0].startswith("-") or format not in ("markdown", "latex"):
+        raise DgmError(REPORT_USAGE)
     from dgm_cli.report import report as make_report
 
-    text, written = make_report(Path(args[0]))
+    text, written, unwritable = make_report(Path(args[0]), format)
     print(text, end="")
-    print(f"written: {Path(args[0]) / written[0]}, {', '.join(written[1:])}")
+    if unwritable:
+        print(f"dgm: the table is above; no report files written into {args[0]} ({unwritable})", file=sys.stderr)
+    else:
+        print(f"written: {Path(args[0]) / written[0]}, {', '.join(written[1:])}")
 
 
 COMMANDS = {
@@ -253,7 +263,7 @@ COMMANDS = {
     "rerun": (rerun, "run a run's saved config again: dgm rerun RUN [overrides]"),
     "eval": (evaluate, "measure a run's best model on the test set again: dgm eval RUN [eval.num_samples=N]"),
     "sample": (sample, "draw from a run's best model into a PNG grid: dgm sample RUN [n=64] [seed=0]"),
-    "report": (report, "tabulate the runs under a directory (a run, a sweep): dgm report DIR"),
+    "report": (report, "tabulate the runs under a directory (a run, a sweep): dgm report DIR [--format latex]"),
 }
 
 USAGE = """usage: dgm <command> [arguments]

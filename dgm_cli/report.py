@@ -1,10 +1,12 @@
 """`dgm report DIR`: the runs under DIR (one run, a sweep, or any folder of them) in one table.
 
-Each row is a configuration: the overrides that set its runs apart from the others (those that
-every run shares are listed once, above the table), less the seed; runs that differ only in
-their seed are aggregated as mean ± std. Rows are sorted by test NLL. The table
-is printed and written to DIR/report.md and DIR/report.csv, with the validation curve of every
-run in DIR/curves.png. Runs trained with `trainer.diagnostics_every` add the mean variance and
+Each row is a data set and a configuration: the overrides that set its runs apart from the
+others (those that every run shares are listed once, above the table), less the seed; finished
+runs that differ only in their seed are aggregated as mean ± std (failed and unfinished ones
+are counted, never averaged). Rows are sorted by data set, then test NLL. The table is printed
+(markdown, or with --format latex a booktabs table) and written to DIR/report.md (or .tex) and
+DIR/report.csv, with the validation curve of every run in DIR/curves.png: one panel per data set
+and validation metric, each named for what it is. Runs trained with `trainer.diagnostics_every` add the mean variance and
 signal-to-noise ratio of q's gradient estimates (averaged over the run's diagnosed epochs) to
 the table, and their course over training to DIR/gradients.png.
 """
@@ -20,7 +22,7 @@ import yaml
 from dgm_cli.errors import DgmError
 from dgm_cli.metrics import read_records
 
-COLUMNS = ["config", "runs", "test_nll", "test_nll_std", "test_nll_samples", "best_epoch", "wall_seconds",
+COLUMNS = ["dataset", "config", "runs", "test_nll", "test_nll_std", "test_nll_samples", "best_epoch", "wall_seconds",
            "train_examples_per_sec", "grad_variance", "grad_snr", "status"]
 
 
@@ -32,6 +34,8 @@ class Run:
     failure: str | None
     curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, validation loss)
     gradients: list[dict] = field(default_factory=list)  # the "diagnostics" records of metrics.jsonl
+    dataset: str = "?"
+    metric: str = "validation loss"  # what the curve's values are, in words
 
     @property
     def status(self) -> str:
@@ -51,7 +55,17 @@ def load_run(path: Path) -> Run:
     curve = [(record["epoch"], record["loss"]) for record in records
              if record["split"] == "validation" and "loss" in record]
     gradients = [record for record in records if record["split"] == "diagnostics"]
-    return Run(path, overrides, summary, failure, curve, gradients)
+    config = yaml.safe_load((path / ".hydra" / "config.yaml").read_text()) if (path / ".hydra" / "config.yaml").is_file() else {}
+    return Run(path, overrides, summary, failure, curve, gradients, dataset=(config.get("dataset") or {}).get("name", "?"),
+               metric=validation_metric(config.get("model") or {}))
+
+
+def validation_metric(model: dict) -> str:
+    """What a model's validation loss is, in words: it differs between the families."""
+    if model.get("name") == "loglinear":
+        return "validation −log p(x), exact (nats)"
+    k = model.get("num_samples", 1)
+    return "validation −ELBO (nats)" if k == 1 else f"validation −IWAE bound, k = {k} (nats)"
 
 
 def find_runs(directory: Path) -> list[Run]:
@@ -84,15 +98,16 @@ def shared_overrides(runs: list[Run]) -> set[str]:
 
 def table(runs: list[Run]) -> list[dict]:
     shared = shared_overrides(runs)
-    groups: dict[str, list[Run]] = {}
+    groups: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
-        groups.setdefault(run.config(shared), []).append(run)
+        groups.setdefault((run.dataset, run.config(shared)), []).append(run)
     rows = []
-    for config, members in groups.items():
+    for (dataset, config), members in groups.items():
         finished = [run.summary for run in members if run.summary]
         nll, nll_std = _mean_std([s["test_nll"] for s in finished])
         statuses = [run.status for run in members]
         rows.append({
+            "dataset": dataset,
             "config": config,
             "runs": len(members),
             "test_nll": nll,
@@ -105,7 +120,7 @@ def table(runs: list[Run]) -> list[dict]:
                for name in ("grad_variance", "grad_snr")},
             "status": ", ".join(f"{statuses.count(s)} {s}" for s in ("finished", "failed", "unfinished") if s in statuses),
         })
-    return sorted(rows, key=lambda row: (row["test_nll"] is None, row["test_nll"] or 0.0))
+    return sorted(rows, key=lambda row: (row["dataset"], row["test_nll"] is None, row["test_nll"] or 0.0))
 
 
 def _format(row: dict, gradients: bool) -> list[str]:
@@ -114,7 +129,7 @@ def _format(row: dict, gradients: bool) -> list[str]:
 
     nll = "–" if row["test_nll"] is None else f"{row['test_nll']:.2f}" + (
         f" ± {row['test_nll_std']:.2f}" if row["runs"] > 1 else "") + f" ({row['test_nll_samples']})"
-    cells = [row["config"], str(row["runs"]), nll, number(row["best_epoch"], 0), number(row["wall_seconds"], 0),
+    cells = [row["dataset"], row["config"], str(row["runs"]), nll, number(row["best_epoch"], 0), number(row["wall_seconds"], 0),
              number(row["train_examples_per_sec"], 0), row["status"]]
     if gradients:
         cells[-1:-1] = ["–" if row["grad_variance"] is None else f"{row['grad_variance']:.3g}",
@@ -126,13 +141,35 @@ def _has_gradients(rows: list[dict]) -> bool:
     return any(row["grad_variance"] is not None for row in rows)
 
 
-def markdown(rows: list[dict], shared: set[str]) -> str:
-    header = ["config (overrides)", "runs", "test NLL (nats)", "best epoch", "wall s", "examples/s", "status"]
+def _header(rows: list[dict]) -> list[str]:
+    header = ["dataset", "config (overrides)", "runs", "test NLL (nats)", "best epoch", "wall s", "examples/s", "status"]
     if _has_gradients(rows):
         header[-1:-1] = ["q-gradient variance", "q-gradient SNR"]
+    return header
+
+
+def markdown(rows: list[dict], shared: set[str]) -> str:
+    header = _header(rows)
     lines = [f"Every run: `{' '.join(sorted(shared))}`", ""] if shared else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_format(row, _has_gradients(rows))) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def latex(rows: list[dict], shared: set[str]) -> str:
+    """The table for a paper: booktabs rules, the shared overrides in a comment above it."""
+    def escape(text: str) -> str:
+        for plain, escaped in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"),
+                               ("$", r"\$"), ("{", r"\{"), ("}", r"\}"), ("±", r"$\pm$"), ("–", "--"), ("~", r"\~{}")):
+            text = text.replace(plain, escaped)
+        return text
+
+    header = _header(rows)
+    lines = [f"% every run: {' '.join(sorted(shared))}"] if shared else []
+    lines += [r"\begin{tabular}{ll" + "r" * (len(header) - 3) + "l}", r"\toprule",
+              " & ".join(escape(cell) for cell in header) + r" \\", r"\midrule"]
+    lines += [" & ".join(escape(cell) for cell in _format(row, _has_gradients(rows))) + r" \\" for row in rows]
+    lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
 
@@ -146,17 +183,21 @@ def plot_curves(runs: list[Run], rows: list[dict], path: Path) -> None:
 
     shared = shared_overrides(runs)
     colours = {row["config"]: f"C{index % 10}" for index, row in enumerate(rows)}
-    figure, axes = plt.subplots(figsize=(8, 5))
-    labelled = set()
-    for run in runs:
-        config = run.config(shared)
-        if run.curve:
-            epochs, losses = zip(*run.curve)
-            axes.plot(epochs, losses, color=colours[config], label=None if config in labelled else config)
-            labelled.add(config)
-    axes.set(xlabel="epoch", ylabel="validation loss (nats)", title="validation curves")
-    if 0 < len(labelled) <= 12:
-        axes.legend(fontsize="small")
+    # One panel per data set and metric: an IWAE bound and an exact likelihood, or two data
+    # sets, on one axis would invite comparisons that mean nothing.
+    panels = sorted({(run.dataset, run.metric) for run in runs if run.curve}) or [("?", "validation loss (nats)")]
+    figure, axes_list = plt.subplots(1, len(panels), figsize=(8 * len(panels), 5), squeeze=False)
+    for axes, (dataset, metric) in zip(axes_list[0], panels):
+        labelled = set()
+        for run in runs:
+            config = run.config(shared)
+            if run.curve and (run.dataset, run.metric) == (dataset, metric):
+                epochs, losses = zip(*run.curve)
+                axes.plot(epochs, losses, color=colours[config], label=None if config in labelled else config)
+                labelled.add(config)
+        axes.set(xlabel="epoch", ylabel=metric, title=f"{dataset}: validation curves")
+        if 0 < len(labelled) <= 12:
+            axes.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -206,22 +247,32 @@ def search_result(directory: Path, runs: list[Run]) -> str | None:
             + (f" ({trial})" if trial else "") + f"; {len(runs)} trials")
 
 
-def report(directory: Path) -> tuple[str, list[str]]:
-    """The table as markdown, and the names of the files written into `directory`."""
+def report(directory: Path, format: str = "markdown") -> tuple[str, list[str], str | None]:
+    """The table (markdown or latex), the names of the files written into `directory`, and why
+    none could be written (a folder that is not ours to write), if so."""
     runs = find_runs(directory)
     rows = table(runs)
-    text = markdown(rows, shared_overrides(runs))
+    shared = shared_overrides(runs)
+    text = latex(rows, shared) if format == "latex" else markdown(rows, shared)
     search = search_result(directory, runs)
     if search:
-        text = search + "\n\n" + text
-    (directory / "report.md").write_text(text)
+        text = ("% " if format == "latex" else "") + search + "\n\n" + text
+    try:
+        written = _write_files(directory, runs, rows, text, "report.tex" if format == "latex" else "report.md")
+    except OSError as error:
+        return text, [], f"{error.strerror or error}: {error.filename or directory}"
+    return text, written, None
+
+
+def _write_files(directory: Path, runs: list[Run], rows: list[dict], text: str, name: str) -> list[str]:
+    (directory / name).write_text(text)
     with open(directory / "report.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     plot_curves(runs, rows, directory / "curves.png")
-    written = ["report.md", "report.csv", "curves.png"]
+    written = [name, "report.csv", "curves.png"]
     if _has_gradients(rows):
         plot_gradients(runs, rows, directory / "gradients.png")
         written.append("gradients.png")
-    return text, written
+    return written

@@ -230,3 +230,26 @@ def test_two_processes_of_a_multi_host_run_train_as_one(tmp_path):
     for command in ("eval", "sample"):
         result = dgm(command, "multi", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_a_report_over_data_sets_and_families_keeps_them_apart_and_prints_where_it_cannot_write(tmp_path):
+    for args in (["dataset=digits", "hydra.run.dir=runs/vae"], ["model=loglinear", "dataset=bars", "hydra.run.dir=runs/em"]):
+        assert dgm("train", *args, *QUICK, cwd=tmp_path).returncode == 0
+    result = dgm("report", "runs", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader((tmp_path / "runs" / "report.csv").open()))
+    assert [row["dataset"] for row in rows] == ["bars", "digits"]
+    assert "| bars | " in result.stdout and "(exact)" in result.stdout and "(20 samples)" in result.stdout
+    assert Image.open(tmp_path / "runs" / "curves.png").size[0] >= 1600  # a panel per data set and metric
+
+    result = dgm("report", "runs", "--format", "latex", cwd=tmp_path)
+    assert result.returncode == 0 and r"\toprule" in result.stdout and r"\end{tabular}" in result.stdout
+    assert (tmp_path / "runs" / "report.tex").read_text() in result.stdout
+
+    (tmp_path / "runs" / "report.md").unlink()
+    (tmp_path / "runs" / "report.md").mkdir()  # a file it cannot write, even as root
+    result = dgm("report", "runs", cwd=tmp_path)
+    assert result.returncode == 0 and "| digits | " in result.stdout
+    assert result.stderr.startswith("dgm: the table is above; no report files written into runs (")
+    assert_one_line_error(dgm("report", "runs", "--format", "html", cwd=tmp_path), "usage: dgm report DIR")
