@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
-from dgm_cli.errors import DgmError, choice, positive_int, probability
+from dgm_cli.errors import DgmError, choice, integer, positive_int, probability
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class Data:
     image_shape: tuple[int, int]  # H × W = D, for pictures
     true_test_nll: float | None = None  # −mean log p(x) under the generating process, if known
     labels: dict[str, np.ndarray] | None = None  # split -> [N] int32 class labels, if known
+    # dataset.binarize=dynamic: `train` holds grey levels 0..255, drawn afresh every epoch on the
+    # device (validation and test were drawn once, with a fixed seed)
+    dynamic: bool = False
 
     @property
     def dim(self) -> int:
@@ -76,7 +80,7 @@ def load(config, cache_dir: Path | None = None) -> Data:
 
 
 def _checked(array, split: str, source: str) -> np.ndarray:
-    """`array` as uint8 [N, D], or a DgmError that says what is wrong with it."""
+    """`array` as [N, D] (its values as they are), or a DgmError that says what is wrong with it."""
     array = np.asarray(array)
     if array.size == 0:
         raise DgmError(f"the {split} split of {source} is empty")
@@ -88,11 +92,53 @@ def _checked(array, split: str, source: str) -> np.ndarray:
         )
     if np.issubdtype(array.dtype, np.floating) and np.isnan(array).any():
         raise DgmError(f"the {split} split of {source} contains NaN")
-    outside = (array != 0) & (array != 1)
-    if outside.any():
-        value = array[outside].flat[0]
-        raise DgmError(f"the {split} split of {source} has values outside {{0, 1}}, such as {value}")
-    return array.reshape(len(array), -1).astype(np.uint8)
+    return array.reshape(len(array), -1)
+
+
+def _is_binary(array: np.ndarray) -> bool:
+    return bool(((array == 0) | (array == 1)).all())
+
+
+def _grey_levels(array: np.ndarray, split: str, source: str) -> np.ndarray:
+    """Grayscale pixels, [0, 1] or 0–255, as intensities in [0, 1] (float32)."""
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > 255:
+        raise DgmError(f"the {split} split of {source} has values in [{low:g}, {high:g}]; grayscale data must "
+                       "lie in [0, 1] or 0–255")
+    scale = 255.0 if high > 1 else 1.0
+    return (array / scale).astype(np.float32)
+
+
+BINARIZE = ("threshold", "static", "dynamic")
+
+
+def _binarized(arrays: dict, config, source: str) -> tuple[dict, bool]:
+    """Binary splits as uint8 in {0, 1} -> (the splits, whether `train` is left to the epochs).
+
+    Binary data needs nothing. Grayscale data needs `dataset.binarize`: `threshold` (on where the
+    intensity exceeds dataset.threshold), `static` (one Bernoulli draw per pixel, once, from
+    dataset.binarize_seed) or `dynamic` (train: a fresh draw every epoch, on the device; it is kept
+    as grey levels 0..255). Validation and test are drawn as `static` does in both random
+    protocols, so test figures are comparable between runs and between the two."""
+    protocol = config.get("binarize") if config is not None else None
+    if protocol is None and all(_is_binary(array) for array in arrays.values()):
+        return {split: array.astype(np.uint8) for split, array in arrays.items()}, False
+    grey = next(split for split, array in arrays.items() if not _is_binary(array))
+    if protocol is None:
+        value = arrays[grey][(arrays[grey] != 0) & (arrays[grey] != 1)].flat[0]
+        raise DgmError(f"the {grey} split of {source} is not binary (it has values such as {value:g}): choose how "
+                       f"to binarise it with dataset.binarize=threshold|static|dynamic")
+    choice(protocol, dict.fromkeys(BINARIZE), "dataset.binarize")
+    intensities = {split: _grey_levels(array, split, source) for split, array in arrays.items()}
+    if protocol == "threshold":
+        threshold = probability(config.get("threshold", 0.5), "dataset.threshold")
+        return {split: (p > threshold).astype(np.uint8) for split, p in intensities.items()}, False
+    seed = integer(config.get("binarize_seed", 0), "dataset.binarize_seed")
+    drawn = {split: (np.random.default_rng([seed, SPLITS.index(split)]).random(p.shape, np.float32) < p).astype(np.uint8)
+             for split, p in intensities.items()}
+    if protocol == "static":
+        return drawn, False
+    return {**drawn, "train": np.rint(intensities["train"] * 255).astype(np.uint8)}, True
 
 
 def _image_shape(dim: int, shape=None) -> tuple[int, int]:
@@ -102,13 +148,15 @@ def _image_shape(dim: int, shape=None) -> tuple[int, int]:
     return (side, side) if side * side == dim else (1, dim)
 
 
-def _make_data(splits: dict, source: str, image_shape=None, **extra) -> Data:
+def _make_data(splits: dict, source: str, image_shape=None, config=None, **extra) -> Data:
+    """`splits` checked and binarised as `config` (the dataset config) says."""
     arrays = {split: _checked(splits[split], split, source) for split in SPLITS}
     widths = {split: array.shape[1] for split, array in arrays.items()}
     if len(set(widths.values())) > 1:
         listed = ", ".join(f"{split} {width}" for split, width in widths.items())
         raise DgmError(f"the splits of {source} have different widths: {listed}")
-    return Data(**arrays, image_shape=_image_shape(widths["train"], image_shape), **extra)
+    arrays, dynamic = _binarized(arrays, config, source)
+    return Data(**arrays, image_shape=_image_shape(widths["train"], image_shape), dynamic=dynamic, **extra)
 
 
 def _split_off(array, size: int, seed: int):
@@ -118,9 +166,12 @@ def _split_off(array, size: int, seed: int):
 
 
 def load_tfds(config, cache_dir: Path | None) -> Data:
-    """A TFDS data set, read through `as_data_source` (no TensorFlow needed); downloaded and
-    prepared first if it is not there (that needs TensorFlow and the network). Decoding its
-    PNGs takes seconds, so the arrays are kept in `cache_dir` for the next run."""
+    """A TFDS image data set, read through `as_data_source` (no TensorFlow needed); downloaded
+    and prepared first if it is not there (that needs TensorFlow and the network). Decoding its
+    PNGs takes seconds, so the decoded images are kept in `cache_dir` for the next run. Colour
+    images are averaged to grey, `dataset.image_size` resizes, `dataset.invert` turns dark
+    strokes on light paper (Omniglot) into light on dark; without a validation split,
+    `dataset.validation_fraction` of train is held out."""
     import tensorflow_datasets as tfds
 
     data_dir = config.data_dir or os.environ.get("TFDS_DATA_DIR")
@@ -130,43 +181,75 @@ def load_tfds(config, cache_dir: Path | None) -> Data:
         raise DgmError(f"TFDS has no data set {config.tfds_name!r}: {_first_line(error)}") from None
     source = f"TFDS {config.tfds_name} in {builder.data_dir}"
     cached = _cache_file(cache_dir, builder, config.image_key)
-    if cached and cached.is_file():
-        try:
-            with np.load(cached) as file:
-                arrays = {split: file[split] for split in SPLITS}
-                return _make_data(arrays, source, image_shape=file["image_shape"])
-        except Exception:  # a damaged copy: decode afresh below and replace it
-            log.info("ignoring the unreadable cached copy %s", cached)
-    if not builder.is_prepared():
-        log.info("%s is not in %s: downloading and preparing it", config.tfds_name, builder.data_dir)
-        try:
-            _check_reachable(builder)
-            builder.download_and_prepare()
-        except Exception as error:  # no network, no TensorFlow, a full disk: all end here
-            raise DgmError(
-                f"{config.tfds_name} is not prepared in {builder.data_dir} and could not be "
-                f"downloaded ({_first_line(error)}); set TFDS_DATA_DIR (or dataset.data_dir) to a "
-                f"TFDS data directory that holds it, or {OFFLINE_HINT}"
-            ) from None
-    splits = {}
-    for split in SPLITS:
-        images = np.stack([record[config.image_key] for record in builder.as_data_source(split=split)])
-        splits[split] = images.reshape(len(images), -1)  # [N, H, W, 1] -> [N, D]
-    data = _make_data(splits, source, image_shape=images.shape[1:3])
-    if cached:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cached.with_name(cached.stem + f".{os.getpid()}.tmp.npz")
-        np.savez(temporary, **{split: getattr(data, split) for split in SPLITS}, image_shape=data.image_shape)
-        os.replace(temporary, cached)  # whole or not at all, even with runs side by side
-    return data
+    images = _read_cached(cached)
+    if images is None:
+        if not builder.is_prepared():
+            log.info("%s is not in %s: downloading and preparing it", config.tfds_name, builder.data_dir)
+            try:
+                _check_reachable(builder)
+                builder.download_and_prepare()
+            except Exception as error:  # no network, no TensorFlow, a full disk: all end here
+                raise DgmError(
+                    f"{config.tfds_name} is not prepared in {builder.data_dir} and could not be "
+                    f"downloaded ({_first_line(error)}); set TFDS_DATA_DIR (or dataset.data_dir) to a "
+                    f"TFDS data directory that holds it, or {OFFLINE_HINT}"
+                ) from None
+        images = {}
+        for split in SPLITS:
+            try:
+                records = builder.as_data_source(split=split)
+            except (ValueError, KeyError):  # an unknown split: TFDS's MNIST has no validation
+                if split == "validation":
+                    continue
+                raise DgmError(f"{source} has no {split} split") from None
+            images[split] = np.stack([record[config.image_key] for record in records])
+        if cached:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            temporary = cached.with_name(cached.stem + f".{os.getpid()}.tmp.npz")
+            np.savez(temporary, **images)
+            os.replace(temporary, cached)  # whole or not at all, even with runs side by side
+    images = {split: _grey_images(array, config) for split, array in images.items()}  # [N, H, W]
+    if "validation" not in images:
+        fraction = probability(config.get("validation_fraction", 0.1), "dataset.validation_fraction")
+        size = max(1, round(fraction * len(images["train"])))
+        images["train"], images["validation"] = _split_off(images["train"], size, config.get("seed", 0))
+    return _make_data(images, source, image_shape=images["train"].shape[1:3], config=config)
+
+
+def _read_cached(path: Path | None) -> dict | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        with np.load(path) as file:
+            return {split: file[split] for split in SPLITS if split in file.files}
+    except Exception:  # a damaged copy: decode afresh and replace it
+        log.info("ignoring the unreadable cached copy %s", path)
+        return None
+
+
+def _grey_images(images: np.ndarray, config) -> np.ndarray:
+    """[N, H, W, C] or [N, H, W] as stored -> [N, H', W']: grey, resized and inverted as the
+    config asks. Binary images stay binary unless resized."""
+    if images.ndim == 4:
+        images = images[..., 0] if images.shape[-1] == 1 else images.mean(axis=-1)
+    size = config.get("image_size")
+    if size is not None:
+        from PIL import Image
+
+        height, width = (positive_int(side, "dataset.image_size") for side in size)
+        images = np.stack([np.asarray(Image.fromarray(image.astype(np.float32), mode="F").resize(
+            (width, height), Image.BILINEAR)) for image in images])
+    if config.get("invert"):
+        images = (1 if _is_binary(images) else 255) - images
+    return images
 
 
 def _cache_file(cache_dir: Path | None, builder, image_key: str) -> Path | None:
-    """Where the decoded arrays of this prepared data set are kept, if they are kept at all."""
+    """Where the decoded images of this prepared data set are kept, if they are kept at all."""
     if cache_dir is None or not builder.is_prepared():
         return None
     where = hashlib.sha1(f"{Path(builder.data_dir).resolve()}:{image_key}".encode()).hexdigest()[:12]
-    return Path(cache_dir) / f"{builder.name}-{builder.version}-{where}.npz"
+    return Path(cache_dir) / f"{builder.name}-{builder.version}-{where}-images.npz"  # as decoded
 
 
 def _check_reachable(builder, timeout: float = 5.0) -> None:
@@ -191,19 +274,23 @@ def _first_line(error: Exception) -> str:
 
 
 def load_digits(config, cache_dir: Path | None) -> Data:
-    """scikit-learn's 1797 handwritten digits, 8×8 with intensities 0..16, thresholded, and their
-    labels 0..9."""
+    """scikit-learn's 1797 handwritten digits, 8×8 with intensities 0..16 (binarised as
+    dataset.binarize says: thresholded by default), and their labels 0..9."""
     from sklearn.datasets import load_digits as sklearn_digits
 
     digits = sklearn_digits()
-    images = (digits.images > config.threshold).astype(np.uint8)  # [1797, 8, 8]
+    images = digits.images / 16.0  # [1797, 8, 8] intensities in [0, 1]
     rest, test = _split_off(np.arange(len(images)), positive_int(config.test_size, "dataset.test_size"), config.seed)
     train, validation = _split_off(
         rest, positive_int(config.validation_size, "dataset.validation_size"), config.seed + 1
     )
     indices = {"train": train, "validation": validation, "test": test}
     labels = {split: digits.target[rows].astype(np.int32) for split, rows in indices.items()}
-    return _make_data({split: images[rows] for split, rows in indices.items()}, "digits", (8, 8), labels=labels)
+    if config.get("binarize", "threshold") == "threshold" and config.threshold > 1:
+        # Saved before dgm read the digits as intensities: thresholded, in their units 0..16.
+        config = OmegaConf.create({**OmegaConf.to_container(config), "binarize": "threshold",
+                                   "threshold": config.threshold / 16})
+    return _make_data({split: images[rows] for split, rows in indices.items()}, "digits", (8, 8), config, labels=labels)
 
 
 def load_bars(config, cache_dir: Path | None) -> Data:
@@ -249,7 +336,8 @@ def bars_log_prob(x, size: int, bar_prob: float, vertical_prob: float) -> np.nda
 
 def load_numpy(config, cache_dir: Path | None) -> Data:
     """A user's .npz with arrays `train`, `test` and optionally `validation` ([N, D] or
-    [N, H, W], values in {0, 1}); without `validation`, a fraction of `train` is held out."""
+    [N, H, W]; binary, or grayscale with dataset.binarize); without `validation`, a fraction of
+    `train` is held out."""
     if not config.path:
         raise DgmError("dataset=numpy needs a file: add dataset.path=FILE.npz")
     path = Path(config.path).expanduser()
@@ -273,7 +361,7 @@ def load_numpy(config, cache_dir: Path | None) -> Data:
             raise DgmError(f"the train split of {path} is too small to hold out a validation split")
         arrays["train"], arrays["validation"] = _split_off(train, size, config.seed)
         log.info("%s has no validation array: holding out %d train examples", path, size)
-    return _make_data(arrays, str(path), image_shape)
+    return _make_data(arrays, str(path), image_shape, config)
 
 
 LOADERS = {"tfds": load_tfds, "digits": load_digits, "bars": load_bars, "numpy": load_numpy}

@@ -135,13 +135,16 @@ def _check_finite(losses, epoch: int, steps_per_epoch: int, checkpoints: Checkpo
         )
 
 
-def train_epochs(model, train_epoch, state, history, splits, keys, settings, devices, checkpoints, metrics_log, record):
+def train_epochs(model, train_epoch, state, history, splits, keys, settings, devices, checkpoints, metrics_log, record,
+                 dynamic: bool = False):
     """Every epoch after `history.epoch`: train (one call of the compiled `train_epoch`),
-    validate, checkpoint with `record`, log."""
+    validate, checkpoint with `record`, log. `dynamic`: the train split holds grey levels."""
     steps_per_epoch = splits["train"]["x"].shape[0] // settings.batch_size
     evaluate = steps.make_evaluate(model, settings.eval_batch_size, devices)
     diagnose = settings.diagnostics_every and steps.make_diagnostics(model, settings.diagnostics_estimates, devices)
     fixed_batch = jax.tree.map(lambda array: array[: settings.batch_size], splits["train"])  # the gradients'
+    if dynamic:  # drawn once: the diagnostics measure the estimator's noise on one fixed batch
+        fixed_batch = {**fixed_batch, "x": steps.draw_pixels(fixed_batch["x"], keys.diagnostics)}
     bar = tqdm(range(history.epoch + 1, settings.epochs + 1), desc="epochs", initial=history.epoch,
                total=settings.epochs, disable=None if settings.progress else True)
     for epoch in bar:
@@ -278,6 +281,8 @@ def run(cfg, run_dir: Path) -> dict:
              cfg.model.name, cfg.dataset.name, len(data.train), len(data.validation), len(data.test),
              data.dim, steps_per_epoch)
 
+    if data.dynamic:
+        log.info("the training images are binarised afresh every epoch (dataset.binarize=dynamic)")
     device_names = describe_devices(devices)
     log.info("computing on %d device(s): %s", len(device_names), ", ".join(device_names))
 
@@ -292,13 +297,13 @@ def run(cfg, run_dir: Path) -> dict:
         state, history = _resume(checkpoints, record, like=state) or (state, History())
         state = devices.put(state)
         # Compiled ahead, so that no epoch's time includes compiling.
-        train_epoch = steps.make_train_epoch(model, settings.batch_size, devices).lower(
+        train_epoch = steps.make_train_epoch(model, settings.batch_size, devices, data.dynamic).lower(
             state, splits["train"], keys.train).compile()
         record["startup_seconds"] = time.time() - started_at
         with MetricsLog(run_dir, history.epoch, history.epoch * steps_per_epoch, primary) as metrics_log, \
                 logging_redirect_tqdm():
             state = train_epochs(model, train_epoch, state, history, splits, keys, settings, devices,
-                                 checkpoints, metrics_log, record)
+                                 checkpoints, metrics_log, record, data.dynamic)
             state = checkpoints.restore(history.best_epoch, like=state)
             test, evaluation = test_evaluation(model, state, data.batches()["test"], cfg.seed, history.best_epoch,
                                                settings, devices, "dgm train")

@@ -17,15 +17,23 @@ import numpy as np
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
+DRAW = 0x0b1a  # folded into a step's key for the draw of its batch's pixels
 
 
 def _float_pixels(batch: dict) -> dict:
     return {**batch, "x": batch["x"].astype(jnp.float32)}
 
 
-def make_train_epoch(model, batch_size: int, devices):
+def draw_pixels(levels, key):
+    """Binary pixels drawn from grey levels 0..255 (dynamic binarisation): pixel d is on with
+    probability levels_d / 255, independently.  [..., D] uint8 -> [..., D] uint8 in {0, 1}."""
+    return (jax.random.uniform(key, levels.shape) * 255 < levels).astype(jnp.uint8)
+
+
+def make_train_epoch(model, batch_size: int, devices, dynamic: bool = False):
     """(state, data {"x": [N, D] uint8, "labels"?: [N]}, key) -> (state, metrics, each [steps]):
-    one jitted epoch, its batches spread over `devices`."""
+    one jitted epoch, its batches spread over `devices`. `dynamic`: x holds grey levels, and
+    every batch is drawn afresh from them."""
 
     @jax.jit
     def train_epoch(state, data, key):
@@ -37,6 +45,8 @@ def make_train_epoch(model, batch_size: int, devices):
         def step(state, inputs):
             indices, key = inputs
             batch = devices.spread(jax.tree.map(lambda array: array[indices], data))
+            if dynamic:  # the draw's key is folded from the step's, which the model keeps
+                batch = {**batch, "x": draw_pixels(batch["x"], jax.random.fold_in(key, DRAW))}
             return model.train_step(state, _float_pixels(batch), key)
 
         inputs = (order.reshape(steps, batch_size), jax.random.split(step_key, steps))

@@ -4,12 +4,14 @@ import dataclasses
 import itertools
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from omegaconf import OmegaConf
 
-from dgm_cli import data
+from dgm_cli import data, steps
 from dgm_cli.errors import DgmError
 
 
@@ -118,7 +120,10 @@ def test_numpy_file_with_images_and_no_validation(tmp_path):
     "arrays,message",
     [
         ({"train": np.zeros((0, 4)), "test": np.zeros((3, 4))}, "train split .* is empty"),
-        ({"train": np.full((3, 4), 0.5), "test": np.zeros((3, 4))}, "outside \\{0, 1\\}, such as 0.5"),
+        ({"train": np.full((3, 4), 0.5), "test": np.zeros((3, 4))},
+         "train split .* is not binary \\(it has values such as 0.5\\): choose how to binarise it with "
+         "dataset.binarize=threshold\\|static\\|dynamic"),
+        ({"train": np.full((3, 4), 300), "test": np.zeros((3, 4))}, "not binary"),
         ({"train": np.array([[0, 1], [np.nan, 1]]), "test": np.zeros((3, 2))}, "contains NaN"),
         ({"train": np.zeros((3, 4)), "validation": np.zeros((2, 4)), "test": np.zeros((3, 5))},
          "different widths: train 4, validation 4, test 5"),
@@ -142,3 +147,78 @@ def test_missing_and_unreadable_files(tmp_path):
         data.load(numpy_config(tmp_path / "junk.npz"))
     with pytest.raises(DgmError, match="dataset.path=FILE.npz"):
         data.load(numpy_config(""))
+
+
+def grey_npz(path, rng=np.random.default_rng(0)):
+    np.savez(path, train=rng.integers(0, 256, (40, 4, 4), dtype=np.uint8),
+             validation=rng.random((10, 4, 4)), test=rng.integers(0, 256, (20, 16)))
+    return path
+
+
+def test_grayscale_files_binarise_as_asked_and_refuse_other_values(tmp_path):
+    path = grey_npz(tmp_path / "grey.npz")
+    with pytest.raises(DgmError, match="choose how to binarise it with dataset.binarize"):
+        data.load(numpy_config(path))
+    with np.load(path) as file:
+        raw = {split: file[split].reshape(len(file[split]), -1) for split in file.files}
+    threshold = data.load(numpy_config(path, binarize="threshold", threshold=0.5))
+    np.testing.assert_array_equal(threshold.train, raw["train"] > 127.5)  # 0–255 read as intensities
+    np.testing.assert_array_equal(threshold.validation, raw["validation"] > 0.5)  # [0, 1] as they are
+    with pytest.raises(DgmError, match="unknown dataset.binarize 'stochastic'; choose from: dynamic, static, threshold"):
+        data.load(numpy_config(path, binarize="stochastic"))
+    np.savez(tmp_path / "bad.npz", train=np.array([[0.0, 300.0, 1.0, 0.5]] * 3), test=np.zeros((3, 4)))
+    with pytest.raises(DgmError, match=r"values in \[0, 300\]; grayscale data must lie in \[0, 1\] or 0–255"):
+        data.load(numpy_config(tmp_path / "bad.npz", binarize="static"))
+
+
+def test_static_draws_once_and_dynamic_leaves_train_to_the_epochs_with_the_same_test_set(tmp_path):
+    path = grey_npz(tmp_path / "grey.npz")
+    static = data.load(numpy_config(path, binarize="static", binarize_seed=0))
+    again = data.load(numpy_config(path, binarize="static", binarize_seed=0))
+    other = data.load(numpy_config(path, binarize="static", binarize_seed=1))
+    dynamic = data.load(numpy_config(path, binarize="dynamic", binarize_seed=0))
+    assert set(np.unique(static.train)) == {0, 1} and not static.dynamic and dynamic.dynamic
+    assert static.fingerprint() == again.fingerprint() != other.fingerprint()
+    np.testing.assert_array_equal(dynamic.test, static.test)  # test figures compare between protocols
+    np.testing.assert_array_equal(dynamic.validation, static.validation)
+    with np.load(path) as file:
+        np.testing.assert_array_equal(dynamic.train, file["train"].reshape(40, -1))  # the grey levels
+
+
+def test_a_dynamic_draw_turns_each_pixel_on_with_its_intensity():
+    levels = jnp.asarray(np.array([[0, 51, 128, 255]] * 20000, np.uint8))
+    drawn = np.asarray(steps.draw_pixels(levels, jax.random.key(0)))
+    assert drawn.dtype == np.uint8 and set(np.unique(drawn)) == {0, 1}
+    np.testing.assert_allclose(drawn.mean(axis=0), [0, 0.2, 128 / 255, 1], atol=0.01)
+    assert not np.array_equal(drawn, np.asarray(steps.draw_pixels(levels, jax.random.key(1))))
+
+
+def test_the_real_grayscale_digits_under_each_protocol():
+    config = {"name": "digits", "loader": "digits", "validation_size": 300, "test_size": 300, "seed": 0,
+              "threshold": 0.5, "binarize_seed": 0}
+    by_threshold = data.load(OmegaConf.create({**config, "binarize": "threshold"}))
+    old_style = data.load(OmegaConf.create({**config, "threshold": 8}))  # a config saved before the protocols
+    assert by_threshold.fingerprint() == old_style.fingerprint()
+    static = data.load(OmegaConf.create({**config, "binarize": "static"}))
+    dynamic = data.load(OmegaConf.create({**config, "binarize": "dynamic"}))
+    assert set(np.unique(static.train)) == {0, 1} and dynamic.train.max() == 255 and len(np.unique(dynamic.train)) == 17
+    np.testing.assert_array_equal(dynamic.test, static.test)
+    assert 0.02 < np.mean(static.test != by_threshold.test) < 0.2  # the grey pixels, drawn
+
+
+def test_tfds_grayscale_sets_without_a_validation_split_on_mock_data(tmp_path):
+    def mock_source(builder, split, **kwargs):
+        if split == "validation":  # as TFDS's mnist, which has train and test only
+            raise ValueError("Unknown split 'validation'")
+        rng = np.random.default_rng(len(split))
+        return [{"image": rng.integers(0, 256, (56, 42, 3), dtype=np.uint8)} for _ in range(20)]
+
+    config = OmegaConf.create({"name": "tfds", "loader": "tfds", "tfds_name": "mnist", "image_key": "image",
+                               "data_dir": str(tmp_path), "image_size": [28, 21], "invert": True,
+                               "validation_fraction": 0.25, "seed": 0, "binarize": None})
+    with tfds.testing.mock_data(as_data_source_fn=mock_source, data_dir=str(tmp_path)):
+        with pytest.raises(DgmError, match="choose how to binarise it with dataset.binarize"):
+            data.load(config)
+        loaded = data.load(OmegaConf.merge(config, {"binarize": "dynamic"}))
+    assert (len(loaded.train), len(loaded.validation), len(loaded.test)) == (15, 5, 20)
+    assert loaded.image_shape == (28, 21) and loaded.dynamic and set(np.unique(loaded.test)) == {0, 1}

@@ -163,3 +163,13 @@ def test_min_delta_decides_what_counts_as_better(make_config, tmp_path):
                                    "trainer.min_delta=1000"), tmp_path)
     assert (summary["best_epoch"], summary["epochs_trained"], summary["epochs"]) == (1, 2, 5)
     assert loop.run(make_config("dataset=digits", *QUICK), tmp_path / "plain")["stop_reason"] == "trainer.epochs=2 reached"
+
+
+@pytest.mark.slow
+def test_a_dynamically_binarised_run_trains_on_fresh_draws_and_tests_on_the_fixed_one(make_config, tmp_path):
+    runs = {protocol: loop.run(make_config("dataset=digits", f"dataset.binarize={protocol}", *QUICK), tmp_path / protocol)
+            for protocol in ("static", "dynamic")}
+    train = {protocol: [json.loads(line) for line in (tmp_path / protocol / "metrics.jsonl").read_text().splitlines()]
+             for protocol in runs}
+    assert train["static"][0]["loss"] != train["dynamic"][0]["loss"]  # other training images
+    assert all(np.isfinite(summary["test_nll"]) for summary in runs.values())
