@@ -149,7 +149,7 @@ def run_train_app(args: list[str]) -> None:
 
 # What may differ when a run goes on: where and how it runs and what it measures on the side,
 # not what it trains.
-RESUME_OVERRIDES = ("distributed.", "trainer.progress=", "cache_dir=", "trainer.diagnostics_")
+RESUME_OVERRIDES = ("distributed.", "trainer.progress=", "cache_dir=", "trainer.diagnostics_", "logger.")
 
 
 def _train_arguments(args: list[str]) -> list[str]:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dgm_cli import data as data_lib
-from dgm_cli import metrics, models, optim, pictures, runtime, steps
+from dgm_cli import metrics, models, optim, pictures, runtime, steps, trackers
 from dgm_cli.checkpoints import Checkpoints
 from dgm_cli.errors import DgmError, integer, non_negative_float, non_negative_int, positive_int
 from dgm_cli.metrics import MetricsLog, write_json_atomically
@@ -213,9 +213,10 @@ def describe_devices(devices) -> list[str]:
     return [device.device_kind for device in used]
 
 
-def save_pictures(model, state, test_images, image_shape, keys: Keys, count: int, run_dir: Path, write: bool) -> None:
+def save_pictures(model, state, test_images, image_shape, keys: Keys, count: int, run_dir: Path,
+                  write: bool) -> dict[str, Path]:
     """Samples, reconstructions and the model's own pictures. On several hosts every process
-    takes part in drawing them, and only the one that `write`s saves them."""
+    takes part in drawing them, and only the one that `write`s saves them. -> {name: PNG path}."""
     samples_key, reconstruction_key = keys.picture_keys()
     originals = test_images[: max(1, count // 2)]
     samples, reconstructions, extra = jax.device_get((
@@ -224,11 +225,13 @@ def save_pictures(model, state, test_images, image_shape, keys: Keys, count: int
         model.extra_pictures(state),
     ))
     if not write:
-        return
-    pictures.save_grid(run_dir / "samples" / "samples.png", samples, image_shape)
-    pictures.save_pairs(run_dir / "samples" / "reconstructions.png", originals, reconstructions, image_shape)
+        return {}
+    saved = {name: run_dir / "samples" / f"{name}.png" for name in ("samples", "reconstructions", *extra)}
+    pictures.save_grid(saved["samples"], samples, image_shape)
+    pictures.save_pairs(saved["reconstructions"], originals, reconstructions, image_shape)
     for name, images in extra.items():
-        pictures.save_grid(run_dir / "samples" / f"{name}.png", images[:count], image_shape)
+        pictures.save_grid(saved[name], images[:count], image_shape)
+    return saved
 
 
 def _resume(checkpoints: Checkpoints, record: dict, like):
@@ -300,39 +303,40 @@ def run(cfg, run_dir: Path) -> dict:
         train_epoch = steps.make_train_epoch(model, settings.batch_size, devices, data.dynamic).lower(
             state, splits["train"], keys.train).compile()
         record["startup_seconds"] = time.time() - started_at
-        with MetricsLog(run_dir, history.epoch, history.epoch * steps_per_epoch, primary) as metrics_log, \
-                logging_redirect_tqdm():
-            state = train_epochs(model, train_epoch, state, history, splits, keys, settings, devices,
-                                 checkpoints, metrics_log, record, data.dynamic)
-            state = checkpoints.restore(history.best_epoch, like=state)
-            test, evaluation = test_evaluation(model, state, data.batches()["test"], cfg.seed, history.best_epoch,
-                                               settings, devices, "dgm train")
-            metrics_log.write("test", history.best_epoch, history.best_epoch * steps_per_epoch, test)
-    if primary:
-        metrics.append_evaluation(run_dir, evaluation)
-    save_pictures(model, state, data.test, data.image_shape, keys, settings.num_pictures, run_dir, primary)
-
-    summary = {
-        "model": cfg.model.name,
-        "dataset": cfg.dataset.name,
-        **metrics.headline_figures(evaluation),
-        "best_epoch": history.best_epoch,
-        f"best_validation_{model.selection_metric}": history.best_value,
-        "epochs": settings.epochs,
-        "epochs_trained": history.epoch,
-        "stop_reason": history.stop_reason(settings),
-        "train_examples_per_sec": statistics.median(history.examples_per_sec[1:] or history.examples_per_sec),
-        "wall_seconds": time.perf_counter() - started,
-        "startup_seconds": record.get("startup_seconds"),
-        "devices": device_names,
-    }
-    if hasattr(model, "active_units"):  # of the tested parameters, on the validation set
-        summary["active_units"] = steps.active_units(model, state, devices.put(data.batches()["validation"]),
-                                                     keys.diagnostics)
-    if data.true_test_nll is not None:
-        summary["true_test_nll"] = data.true_test_nll
-    if primary:
-        write_json_atomically(run_dir / "summary.json", summary)
+        with trackers.tracking(cfg, run_dir, history.epoch * steps_per_epoch, primary) as tracker:
+            with MetricsLog(run_dir, history.epoch, primary, tracker) as metrics_log, logging_redirect_tqdm():
+                state = train_epochs(model, train_epoch, state, history, splits, keys, settings, devices,
+                                     checkpoints, metrics_log, record, data.dynamic)
+                state = checkpoints.restore(history.best_epoch, like=state)
+                test, evaluation = test_evaluation(model, state, data.batches()["test"], cfg.seed,
+                                                   history.best_epoch, settings, devices, "dgm train")
+                metrics_log.write("test", history.best_epoch, history.best_epoch * steps_per_epoch, test)
+            if primary:
+                metrics.append_evaluation(run_dir, evaluation)
+            pictures = save_pictures(model, state, data.test, data.image_shape, keys, settings.num_pictures, run_dir,
+                                     primary)
+            summary = {
+                "model": cfg.model.name,
+                "dataset": cfg.dataset.name,
+                **metrics.headline_figures(evaluation),
+                "best_epoch": history.best_epoch,
+                f"best_validation_{model.selection_metric}": history.best_value,
+                "epochs": settings.epochs,
+                "epochs_trained": history.epoch,
+                "stop_reason": history.stop_reason(settings),
+                "train_examples_per_sec": statistics.median(history.examples_per_sec[1:] or history.examples_per_sec),
+                "wall_seconds": time.perf_counter() - started,
+                "startup_seconds": record.get("startup_seconds"),
+                "devices": device_names,
+            }
+            if hasattr(model, "active_units"):  # of the tested parameters, on the validation set
+                summary["active_units"] = steps.active_units(model, state, devices.put(data.batches()["validation"]),
+                                                             keys.diagnostics)
+            if data.true_test_nll is not None:
+                summary["true_test_nll"] = data.true_test_nll
+            tracker.finish(summary, pictures, history.epoch * steps_per_epoch)
+            if primary:
+                write_json_atomically(run_dir / "summary.json", summary)
     log.info("test NLL %.2f nats, test neg-ELBO %.2f, best epoch %d; run directory %s",
              test["nll"], test["neg_elbo"], history.best_epoch, run_dir)
     return summary

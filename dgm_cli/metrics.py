@@ -1,12 +1,11 @@
-"""Where a run's numbers go: `metrics.jsonl` (one JSON object a line), TensorBoard event files,
-and `summary.json`, which is written last and atomically, so its presence marks a finished run."""
+"""Where a run's numbers go: `metrics.jsonl` (one JSON object a line), the run's tracker
+(TensorBoard by default: `dgm_cli.trackers`), and `summary.json`, which is written last and
+atomically, so its presence marks a finished run."""
 
 import json
 import math
 import os
 from pathlib import Path
-
-from tensorboardX import SummaryWriter
 
 
 def read_records(path: Path) -> list[dict]:
@@ -24,8 +23,9 @@ class MetricsLog:
     """Appends to a run's metrics. A resumed run first drops what came after its checkpoint, so
     that every epoch appears once, as it would had the run never stopped."""
 
-    def __init__(self, run_dir: Path, resumed_epoch: int = 0, resumed_step: int = 0, enabled: bool = True):
+    def __init__(self, run_dir: Path, resumed_epoch: int = 0, enabled: bool = True, tracker=None):
         self.enabled = enabled  # False: the process of a multi-host run that does not write
+        self._tracker = tracker  # every record goes to it too: `dgm_cli.trackers`
         if not enabled:
             return
         path = run_dir / "metrics.jsonl"
@@ -33,7 +33,6 @@ class MetricsLog:
             kept = [r for r in read_records(path) if r["split"] != "test" and r["epoch"] <= resumed_epoch]
             write_atomically(path, "".join(json.dumps(record) + "\n" for record in kept))
         self._lines = open(path, "a")
-        self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_step + 1)
 
     def write(self, split: str, epoch: int, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -41,14 +40,12 @@ class MetricsLog:
         record = {"epoch": epoch, "step": step, "split": split, **values}
         self._lines.write(json.dumps(record) + "\n")
         self._lines.flush()
-        for name, value in values.items():
-            self._tensorboard.add_scalar(f"{split}/{name}", value, step)
+        if self._tracker is not None:
+            self._tracker.log(split, epoch, step, values)
 
     def close(self) -> None:
-        if not self.enabled:
-            return
-        self._lines.close()
-        self._tensorboard.close()
+        if self.enabled:
+            self._lines.close()
 
     def __enter__(self):
         return self
