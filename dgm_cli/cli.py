@@ -168,8 +168,7 @@ def _train_arguments(args: list[str]) -> list[str]:
         if (run / "summary.json").is_file() and not any(arg.startswith("trainer.epochs=") for arg in others):
             print(f"dgm: {run} has finished; nothing to resume (trainer.epochs=N takes it on to N epochs)")
             sys.exit(0)
-        return ["--config-path", str(run / ".hydra"), "--config-name", "config",
-                f"hydra.run.dir='{run}'", "hydra.job.name=train", *others]
+        return [*_from_saved_config(run), f"hydra.run.dir='{run}'", *others]
     return _absolute_config_path(args)
 
 
@@ -195,8 +194,7 @@ def rerun(args: list[str]) -> None:
     new_run_dir = f"hydra.run.dir={_default_run_dir()}"  # the saved config has no hydra node
     groups = [override for override in overrides if _is_group_override(override)]
     if not groups:  # the saved config itself: the run exactly, whatever the package's configs say today
-        train(["--config-path", str(run / ".hydra"), "--config-name", "config", "hydra.job.name=train",
-               new_run_dir, *overrides])
+        train([*_from_saved_config(run), new_run_dir, *overrides])
         return
     # A config group is chosen in a defaults list, which only the package's configs have: replay
     # the run's own overrides on them, provided that they still compose the run's saved config.
@@ -221,9 +219,21 @@ def _is_group_override(override: str) -> bool:
     return "/" in key or (resources.files("dgm_cli.configs") / key).is_dir()
 
 
+def _train_yaml_hydra() -> dict:
+    """The hydra node of train.yaml, unresolved (${now:…} stays)."""
+    return OmegaConf.to_container(OmegaConf.load(resources.files("dgm_cli.configs") / "train.yaml"))["hydra"]
+
+
 def _default_run_dir() -> str:
-    config = OmegaConf.load(resources.files("dgm_cli.configs") / "train.yaml")
-    return OmegaConf.to_container(config)["hydra"]["run"]["dir"]  # unresolved: ${now:…} stays
+    return _train_yaml_hydra()["run"]["dir"]
+
+
+def _from_saved_config(run: Path) -> list[str]:
+    """Hydra's arguments to compose a run's own saved config, which has no hydra node: with the
+    job name and log format of train.yaml, so that a resumed run's train.log reads as one."""
+    formatter = _train_yaml_hydra()["job_logging"]["formatters"]["simple"]
+    return ["--config-path", str(run / ".hydra"), "--config-name", "config", "hydra.job.name=train",
+            *(f"++hydra.job_logging.formatters.simple.{key}='{value}'" for key, value in formatter.items())]
 
 
 def evaluate(args: list[str]) -> None:

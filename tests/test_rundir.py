@@ -214,6 +214,8 @@ def test_a_finished_run_goes_on_to_more_epochs_and_ends_as_one_trained_that_long
     assert result.returncode == 0, result.stderr
     assert dgm("train", *constant, "trainer.epochs=4", "hydra.run.dir=long", cwd=tmp_path).returncode == 0
     assert records("short") == records("long")
+    log = (tmp_path / "short" / "train.log").read_text()
+    assert "epoch 4/4" in log and "][dgm_cli" not in log  # the resumed part logs as the first did
     short, long = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("short", "long"))
     assert short["test_nll"] == long["test_nll"] and short["epochs"] == short["epochs_trained"] == 4
     evaluations = [json.loads(line) for line in (tmp_path / "short" / "evaluations.jsonl").read_text().splitlines()]
