@@ -75,7 +75,7 @@ def test_multirun_writes_one_directory_per_job(tmp_path):
     "args,fragments",
     [
         (["model=nope"], ["unknown model 'nope'", "vae"]),
-        (["dataset=mnist3"], ["unknown dataset 'mnist3'", "bars, binarized_mnist, digits, numpy"]),
+        (["dataset=mnist3"], ["unknown dataset 'mnist3'", "bars, binarized_mnist, digits, fashion_mnist_dynamic, mnist_dynamic, numpy, omniglot_dynamic, tfds"]),
         (["optimizer=adamax"], ["unknown optimizer 'adamax'", "adam, adamw, rmsprop, sgd"]),
         (["trainer.epochs=0", "dataset=digits"], ["trainer.epochs must be a positive integer, got 0"]),
         (["model.latent_dim=-3", "dataset=digits"], ["model.latent_dim must be a positive integer"]),
@@ -95,7 +95,7 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(tmp_path, args, fragments):
     [
         (None, "cannot read"),
         ({"train": np.zeros((0, 4)), "test": np.zeros((2, 4))}, "is empty"),
-        ({"train": np.full((3, 4), 2), "test": np.zeros((2, 4))}, "values outside {0, 1}"),
+        ({"train": np.full((3, 4), 2), "test": np.zeros((2, 4))}, "is not binary (it has values such as 2): choose how to binarise it with dataset.binarize"),
         ({"train": np.full((3, 4), np.nan), "test": np.zeros((2, 4))}, "contains NaN"),
         ({"train": np.zeros((3, 4)), "validation": np.zeros((3, 4)), "test": np.zeros((2, 3))}, "different widths"),
     ],
