@@ -165,6 +165,17 @@ def _split_off(array, size: int, seed: int):
     return array[order[size:]], array[order[:size]]
 
 
+def _hold_out_validation(train: np.ndarray, config, source) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation): `dataset.validation_fraction` of a set without a validation split,
+    drawn with `dataset.seed`."""
+    fraction = probability(config.get("validation_fraction", 0.1), "dataset.validation_fraction")
+    size = max(1, round(fraction * len(train)))
+    if size >= len(train):
+        raise DgmError(f"the train split of {source} is too small to hold out a validation split")
+    log.info("%s has no validation split: holding out %d train examples", source, size)
+    return _split_off(train, size, config.get("seed", 0))
+
+
 def load_tfds(config, cache_dir: Path | None) -> Data:
     """A TFDS image data set, read through `as_data_source` (no TensorFlow needed); downloaded
     and prepared first if it is not there (that needs TensorFlow and the network). Decoding its
@@ -210,9 +221,7 @@ def load_tfds(config, cache_dir: Path | None) -> Data:
             os.replace(temporary, cached)  # whole or not at all, even with runs side by side
     images = {split: _grey_images(array, config) for split, array in images.items()}  # [N, H, W]
     if "validation" not in images:
-        fraction = probability(config.get("validation_fraction", 0.1), "dataset.validation_fraction")
-        size = max(1, round(fraction * len(images["train"])))
-        images["train"], images["validation"] = _split_off(images["train"], size, config.get("seed", 0))
+        images["train"], images["validation"] = _hold_out_validation(images["train"], config, source)
     return _make_data(images, source, image_shape=images["train"].shape[1:3], config=config)
 
 
@@ -354,13 +363,7 @@ def load_numpy(config, cache_dir: Path | None) -> Data:
             raise DgmError(f"{path} has no {split!r} array (found: {found})")
     image_shape = config.image_shape or arrays["train"].shape[1:3]
     if "validation" not in arrays:
-        fraction = probability(config.validation_fraction, "dataset.validation_fraction")
-        train = _checked(arrays["train"], "train", path)
-        size = max(1, round(fraction * len(train)))
-        if size >= len(train):
-            raise DgmError(f"the train split of {path} is too small to hold out a validation split")
-        arrays["train"], arrays["validation"] = _split_off(train, size, config.seed)
-        log.info("%s has no validation array: holding out %d train examples", path, size)
+        arrays["train"], arrays["validation"] = _hold_out_validation(_checked(arrays["train"], "train", path), config, path)
     return _make_data(arrays, str(path), image_shape, config)
 
 
