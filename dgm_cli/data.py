@@ -115,15 +115,19 @@ BINARIZE = ("threshold", "static", "dynamic")
 def _binarized(arrays: dict, config, source: str) -> tuple[dict, bool]:
     """Binary splits as uint8 in {0, 1} -> (the splits, whether `train` is left to the epochs).
 
-    Binary data needs nothing. Grayscale data needs `dataset.binarize`: `threshold` (on where the
-    intensity exceeds dataset.threshold), `static` (one Bernoulli draw per pixel, once, from
-    dataset.binarize_seed) or `dynamic` (train: a fresh draw every epoch, on the device; it is kept
-    as grey levels 0..255). Validation and test are drawn as `static` does in both random
-    protocols, so test figures are comparable between runs and between the two."""
+    Binary data needs nothing, and takes no `dataset.binarize`. Grayscale data needs it:
+    `threshold` (on where the intensity exceeds dataset.threshold), `static` (one Bernoulli draw
+    per pixel, once, from dataset.binarize_seed) or `dynamic` (train: a fresh draw every epoch, on
+    the device; it is kept as grey levels 0..255). Validation and test are drawn as `static` does
+    in both random protocols, so test figures are comparable between runs and between the two."""
     protocol = config.get("binarize") if config is not None else None
-    if protocol is None and all(_is_binary(array) for array in arrays.values()):
+    greys = [split for split, array in arrays.items() if not _is_binary(array)]
+    if not greys:
+        if protocol is not None:  # else the run would be recorded under a protocol it did not follow
+            raise DgmError(f"{source} is binary already: drop dataset.binarize={protocol} (or set it to "
+                           "null): it says how grayscale data become binary")
         return {split: array.astype(np.uint8) for split, array in arrays.items()}, False
-    grey = next(split for split, array in arrays.items() if not _is_binary(array))
+    grey = greys[0]
     if protocol is None:
         value = arrays[grey][(arrays[grey] != 0) & (arrays[grey] != 1)].flat[0]
         raise DgmError(f"the {grey} split of {source} is not binary (it has values such as {value:g}): choose how "

@@ -171,6 +171,18 @@ def test_grayscale_files_binarise_as_asked_and_refuse_other_values(tmp_path):
         data.load(numpy_config(tmp_path / "bad.npz", binarize="static"))
 
 
+@pytest.mark.parametrize("protocol", data.BINARIZE)
+def test_binary_data_refuse_a_binarisation_in_one_line(tmp_path, protocol):
+    # dataset.binarize says how grey levels become binary: on binary data a run would be recorded
+    # under a protocol it did not follow (dynamic draws of 0s and 1s are no draws at all).
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "binary.npz", train=rng.integers(0, 2, (20, 16)), test=rng.integers(0, 2, (5, 16)))
+    with pytest.raises(DgmError) as error:
+        data.load(numpy_config(tmp_path / "binary.npz", binarize=protocol))
+    assert f"is binary already: drop dataset.binarize={protocol} (or set it to null)" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
 def test_static_draws_once_and_dynamic_leaves_train_to_the_epochs_with_the_same_test_set(tmp_path):
     path = grey_npz(tmp_path / "grey.npz")
     static = data.load(numpy_config(path, binarize="static", binarize_seed=0))
