@@ -176,7 +176,9 @@ def _hold_out_validation(train: np.ndarray, config, source) -> tuple[np.ndarray,
     size = max(1, round(fraction * len(train)))
     if size >= len(train):
         raise DgmError(f"the train split of {source} is too small to hold out a validation split")
-    log.info("%s has no validation split: holding out %d train examples", source, size)
+    # A warning: the training set is then smaller than the data set's own, which changes figures.
+    log.warning("%s has no validation split: holding out %d of its %d train examples as validation "
+                "(dataset.validation_fraction=%g)", source, size, len(train), fraction)
     return _split_off(train, size, config.get("seed", 0))
 
 
@@ -185,8 +187,8 @@ def load_tfds(config, cache_dir: Path | None) -> Data:
     and prepared first if it is not there (that needs TensorFlow and the network). Decoding its
     PNGs takes seconds, so the decoded images are kept in `cache_dir` for the next run. Colour
     images are averaged to grey, `dataset.image_size` resizes, `dataset.invert` turns dark
-    strokes on light paper (Omniglot) into light on dark; without a validation split,
-    `dataset.validation_fraction` of train is held out."""
+    strokes on light paper (Omniglot) into light on dark; without a validation split (by the
+    builder's info), `dataset.validation_fraction` of train is held out."""
     import tensorflow_datasets as tfds
 
     data_dir = config.data_dir or os.environ.get("TFDS_DATA_DIR")
@@ -195,49 +197,78 @@ def load_tfds(config, cache_dir: Path | None) -> Data:
     except Exception as error:  # TFDS raises many types here; all mean the name is unusable
         raise DgmError(f"TFDS has no data set {config.tfds_name!r}: {_first_line(error)}") from None
     source = f"TFDS {config.tfds_name} in {builder.data_dir}"
+    if not builder.is_prepared():
+        _download_and_prepare(builder, config.tfds_name)
+    splits = _splits_of(builder, source)
     cached = _cache_file(cache_dir, builder, config.image_key)
-    images = _read_cached(cached)
+    images = _read_cached(cached, splits)
     if images is None:
-        if not builder.is_prepared():
-            log.info("%s is not in %s: downloading and preparing it", config.tfds_name, builder.data_dir)
-            try:
-                _check_reachable(builder)
-                builder.download_and_prepare()
-            except Exception as error:  # no network, no TensorFlow, a full disk: all end here
-                raise DgmError(
-                    f"{config.tfds_name} is not prepared in {builder.data_dir} and could not be "
-                    f"downloaded ({_first_line(error)}); set TFDS_DATA_DIR (or dataset.data_dir) to a "
-                    f"TFDS data directory that holds it, or {OFFLINE_HINT}"
-                ) from None
-        images = {}
-        for split in SPLITS:
-            try:
-                records = builder.as_data_source(split=split)
-            except (ValueError, KeyError):  # an unknown split: TFDS's MNIST has no validation
-                if split == "validation":
-                    continue
-                raise DgmError(f"{source} has no {split} split") from None
-            images[split] = np.stack([record[config.image_key] for record in records])
-        if cached:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            temporary = cached.with_name(cached.stem + f".{os.getpid()}.tmp.npz")
-            np.savez(temporary, **images)
-            os.replace(temporary, cached)  # whole or not at all, even with runs side by side
+        images = {split: _read_split(builder, split, config.image_key, source) for split in splits}
+        _write_cached(cached, images)
     images = {split: _grey_images(array, config) for split, array in images.items()}  # [N, H, W]
     if "validation" not in images:
         images["train"], images["validation"] = _hold_out_validation(images["train"], config, source)
     return _make_data(images, source, image_shape=images["train"].shape[1:3], config=config)
 
 
-def _read_cached(path: Path | None) -> dict | None:
+def _download_and_prepare(builder, name: str) -> None:
+    log.info("%s is not in %s: downloading and preparing it", name, builder.data_dir)
+    try:
+        _check_reachable(builder)
+        builder.download_and_prepare()
+    except Exception as error:  # no network, no TensorFlow, a full disk: all end here
+        raise DgmError(
+            f"{name} is not prepared in {builder.data_dir} and could not be downloaded "
+            f"({_first_line(error)}); set TFDS_DATA_DIR (or dataset.data_dir) to a TFDS data "
+            f"directory that holds it, or {OFFLINE_HINT}"
+        ) from None
+
+
+def _splits_of(builder, source: str) -> list[str]:
+    """Which of SPLITS the prepared data set has, as its info records them. Asked, not tried: a
+    split that is there but fails to load must stop the run, not be replaced by a hold-out of
+    train (binarized_mnist's 50k / 10k would become 45k / 5k: another benchmark)."""
+    available = list(builder.info.splits)
+    for split in ("train", "test"):
+        if split not in available:
+            raise DgmError(f"{source} has no {split} split (it has: {', '.join(available) or 'none'})")
+    return [split for split in SPLITS if split in available]
+
+
+def _read_split(builder, split: str, image_key: str, source: str) -> np.ndarray:
+    """The images of one split as stored, decoded: [N, H, W, C] or [N, H, W]."""
+    try:
+        images = [record[image_key] for record in builder.as_data_source(split=split)]
+    except Exception as error:  # a missing or damaged shard, an undecodable image: TFDS raises many types
+        raise DgmError(f"cannot read the {split} split of {source}: {type(error).__name__}: "
+                       f"{_first_line(error)}") from None
+    if not images:
+        raise DgmError(f"the {split} split of {source} is empty")
+    return np.stack(images)
+
+
+def _read_cached(path: Path | None, splits: list[str]) -> dict | None:
+    """The decoded images kept in `path`, if it holds exactly `splits`."""
     if path is None or not path.is_file():
         return None
     try:
         with np.load(path) as file:
-            return {split: file[split] for split in SPLITS if split in file.files}
+            if sorted(file.files) != sorted(splits):  # kept from other splits: decode afresh
+                log.info("ignoring the cached copy %s: it holds the splits %s", path, ", ".join(file.files))
+                return None
+            return {split: file[split] for split in splits}
     except Exception:  # a damaged copy: decode afresh and replace it
         log.info("ignoring the unreadable cached copy %s", path)
         return None
+
+
+def _write_cached(path: Path | None, images: dict) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.stem + f".{os.getpid()}.tmp.npz")
+    np.savez(temporary, **images)
+    os.replace(temporary, path)  # whole or not at all, even with runs side by side
 
 
 def _grey_images(images: np.ndarray, config) -> np.ndarray:

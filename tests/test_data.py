@@ -3,6 +3,7 @@
 import dataclasses
 import itertools
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,19 @@ from dgm_cli.errors import DgmError
 def tfds_config(**overrides):
     config = {"name": "binarized_mnist", "loader": "tfds", "tfds_name": "binarized_mnist", "image_key": "image", "data_dir": None}
     return OmegaConf.create({**config, **overrides})
+
+
+def tfds_metadata(data_dir, name, sizes) -> str:
+    """`data_dir` with the dataset_info.json of a prepared `name` whose splits have these sizes.
+    With it mock_data mocks from files (MockPolicy.USE_FILES): the builder knows which splits
+    exist, as a prepared one does, while the mock source stands in for the records."""
+    version = str(tfds.builder_cls(name).VERSION)
+    folder = data_dir / name / version
+    folder.mkdir(parents=True)
+    splits = [{"name": split, "shardLengths": [str(size)], "numBytes": "0"} for split, size in sizes.items()]
+    info = {"name": name, "version": version, "fileFormat": "array_record", "splits": splits}
+    (folder / "dataset_info.json").write_text(json.dumps(info))
+    return str(data_dir)
 
 
 def numpy_config(path, **overrides):
@@ -53,11 +67,35 @@ def test_tfds_code_path_on_mock_data(tmp_path):
         rng = np.random.default_rng(len(split))
         return [{"image": rng.integers(0, 2, (28, 28, 1), dtype=np.uint8)} for _ in range(7)]
 
-    # mock_data also stands in for download_and_prepare, so an empty data_dir works here.
-    with tfds.testing.mock_data(as_data_source_fn=mock_source, data_dir=str(tmp_path)):
-        mock = data.load(tfds_config(data_dir=str(tmp_path)))
-    assert mock.train.shape == (7, 784) and mock.image_shape == (28, 28)
+    data_dir = tfds_metadata(tmp_path, "binarized_mnist", {"train": 50000, "validation": 10000, "test": 10000})
+    with tfds.testing.mock_data(as_data_source_fn=mock_source, data_dir=data_dir):
+        mock = data.load(tfds_config(data_dir=data_dir))
+    assert mock.train.shape == mock.validation.shape == (7, 784) and mock.image_shape == (28, 28)
     assert set(np.unique(mock.train)) == {0, 1}
+
+
+@pytest.mark.parametrize("error", [ValueError("shard 3 of 4 is truncated"), KeyError("validation"), OSError("disk I/O")])
+def test_a_tfds_validation_split_that_fails_to_load_stops_the_run_instead_of_a_hold_out(tmp_path, error):
+    def mock_source(builder, split, **kwargs):
+        if split == "validation":
+            raise error
+        return [{"image": np.zeros((28, 28, 1), np.uint8)}] * 10
+
+    # binarized_mnist has a validation split of its own: 45k / 5k of train would be another benchmark.
+    data_dir = tfds_metadata(tmp_path, "binarized_mnist", {"train": 50000, "validation": 10000, "test": 10000})
+    with tfds.testing.mock_data(as_data_source_fn=mock_source, data_dir=data_dir):
+        with pytest.raises(DgmError) as raised:
+            data.load(tfds_config(data_dir=data_dir))
+    message = str(raised.value)
+    assert message.startswith("cannot read the validation split of TFDS binarized_mnist in ") and "\n" not in message
+    assert message.endswith(f"{type(error).__name__}: {data._first_line(error)}")
+
+
+def test_a_tfds_set_without_its_train_split_says_which_splits_it_has(tmp_path):
+    data_dir = tfds_metadata(tmp_path, "mnist", {"test": 10, "extra": 10})
+    with tfds.testing.mock_data(as_data_source_fn=lambda builder, split, **kwargs: [], data_dir=data_dir):
+        with pytest.raises(DgmError, match=r"TFDS mnist in .* has no train split \(it has: test, extra\)"):
+            data.load(tfds_config(tfds_name="mnist", data_dir=data_dir))
 
 
 def test_missing_tfds_data_offline_names_the_way_out(tmp_path):
@@ -218,19 +256,24 @@ def test_the_real_grayscale_digits_under_each_protocol():
     assert 0.02 < np.mean(static.test != by_threshold.test) < 0.2  # the grey pixels, drawn
 
 
-def test_tfds_grayscale_sets_without_a_validation_split_on_mock_data(tmp_path):
+def test_tfds_grayscale_sets_without_a_validation_split_on_mock_data(tmp_path, caplog):
     def mock_source(builder, split, **kwargs):
-        if split == "validation":  # as TFDS's mnist, which has train and test only
-            raise ValueError("Unknown split 'validation'")
+        if split == "validation":
+            pytest.fail("the builder's info says there is no validation split: it must not be read")
         rng = np.random.default_rng(len(split))
         return [{"image": rng.integers(0, 256, (56, 42, 3), dtype=np.uint8)} for _ in range(20)]
 
+    data_dir = tfds_metadata(tmp_path, "mnist", {"train": 20, "test": 20})  # as TFDS's mnist: no validation
     config = OmegaConf.create({"name": "tfds", "loader": "tfds", "tfds_name": "mnist", "image_key": "image",
-                               "data_dir": str(tmp_path), "image_size": [28, 21], "invert": True,
+                               "data_dir": data_dir, "image_size": [28, 21], "invert": True,
                                "validation_fraction": 0.25, "seed": 0, "binarize": None})
-    with tfds.testing.mock_data(as_data_source_fn=mock_source, data_dir=str(tmp_path)):
+    with tfds.testing.mock_data(as_data_source_fn=mock_source, data_dir=data_dir):
         with pytest.raises(DgmError, match="choose how to binarise it with dataset.binarize"):
             data.load(config)
-        loaded = data.load(OmegaConf.merge(config, {"binarize": "dynamic"}))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dgm_cli.data"):
+            loaded = data.load(OmegaConf.merge(config, {"binarize": "dynamic"}))
     assert (len(loaded.train), len(loaded.validation), len(loaded.test)) == (15, 5, 20)
+    [warning] = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert "has no validation split: holding out 5 of its 20 train examples" in warning.getMessage()
     assert loaded.image_shape == (28, 21) and loaded.dynamic and set(np.unique(loaded.test)) == {0, 1}
