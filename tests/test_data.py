@@ -4,6 +4,8 @@ import dataclasses
 import itertools
 import json
 import logging
+import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -277,3 +279,30 @@ def test_tfds_grayscale_sets_without_a_validation_split_on_mock_data(tmp_path, c
     [warning] = [record for record in caplog.records if record.levelno == logging.WARNING]
     assert "has no validation split: holding out 5 of its 20 train examples" in warning.getMessage()
     assert loaded.image_shape == (28, 21) and loaded.dynamic and set(np.unique(loaded.test)) == {0, 1}
+
+
+PRESETS = Path(__file__).resolve().parents[1] / "configs" / "dataset"
+
+
+@pytest.mark.parametrize("preset,sizes,image", [
+    ("mnist_dynamic", {"train": 60000, "test": 10000}, (28, 28, 1)),  # TFDS's splits, as prepared
+    ("fashion_mnist_dynamic", {"train": 60000, "test": 10000}, (28, 28, 1)),
+    # TFDS's omniglot: the background and evaluation alphabets (its small1, small2 go unused); its
+    # scans are 105×105, smaller here only to spare the memory of 32 460 copies
+    ("omniglot_dynamic", {"train": 19280, "test": 13180, "small1": 2720, "small2": 3120}, (35, 35, 3)),
+])
+def test_the_dynamic_presets_split_as_their_comments_say(tmp_path, preset, sizes, image):
+    text = (PRESETS / f"{preset}.yaml").read_text()
+    stated = re.search(r"Splits \(train / validation / test\): ([\d,]+) / ([\d,]+) / ([\d,]+)", text)
+    assert stated, f"{preset}.yaml must state the split sizes it produces"
+
+    def mock_source(builder, split, **kwargs):  # as many (identical) records as the real split
+        return [{"image": np.full(image, 200, np.uint8)}] * builder.info.splits[split].num_examples
+
+    config = OmegaConf.load(PRESETS / f"{preset}.yaml")
+    config.data_dir = tfds_metadata(tmp_path, config.tfds_name, sizes)
+    with tfds.testing.mock_data(as_data_source_fn=mock_source, data_dir=config.data_dir):
+        loaded = data.load(config)
+    produced = (len(loaded.train), len(loaded.validation), len(loaded.test))
+    assert produced == tuple(int(size.replace(",", "")) for size in stated.groups())
+    assert loaded.dynamic and loaded.image_shape == (28, 28)
