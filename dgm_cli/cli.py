@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 CONFIGS = "pkg://dgm_cli.configs"
 _failed_jobs: list[str] = []  # filled by FailedJobs at the end of a sweep, read by `main`
 trained_runs: list[Path] = []  # the run directory of every job that trained, read by `dgm_cli.train`
+# The run that `resume=RUN` names, put here by `_train_arguments`, read by `_train_job`: by then
+# it is only a hydra.run.dir, as in a command aimed at the run, and only one that asked to resume
+# may take the run on to more epochs.
+_resumed_runs: list[Path] = []
 
 
 @hydra.main(config_path=CONFIGS, config_name="train", version_base="1.3")
@@ -50,7 +54,7 @@ def _train_job(cfg) -> dict | None:
         _stop_logging_to_files()
         return loop.run(cfg, run_dir)
     try:
-        with rundir.claim_for_training(run_dir, cfg, hydra_cfg) as finished:
+        with rundir.claim_for_training(run_dir, cfg, hydra_cfg, _is_resumed(run_dir)) as finished:
             trained_runs.append(run_dir)
             if finished:
                 print(f"dgm: {run_dir} has finished already; nothing to do")
@@ -62,6 +66,10 @@ def _train_job(cfg) -> dict | None:
         print(f"dgm: error: this job was refused: {error}", file=sys.stderr)
         _failed_jobs.append(f"{run_dir}: {error}")
         return None
+
+
+def _is_resumed(run_dir: Path) -> bool:
+    return any(run_dir.resolve() == run.resolve() for run in _resumed_runs)
 
 
 def _train_or_record_failure(loop, cfg, run_dir: Path, sweeping: bool):
@@ -133,6 +141,7 @@ def run_train_app(args: list[str]) -> None:
     """The `train` Hydra app on `args`, as the command line gives them."""
     _failed_jobs.clear()
     trained_runs.clear()
+    _resumed_runs.clear()
     args = _train_arguments(args)
     if "hydra/sweeper=optuna" in args and not any(arg.startswith("hydra.sweeper.max_failure_rate=") for arg in args):
         # Optuna's sweeper counts a job that returns no value as a failed trial, and by default
@@ -168,6 +177,7 @@ def _train_arguments(args: list[str]) -> list[str]:
         if (run / "summary.json").is_file() and not any(arg.startswith("trainer.epochs=") for arg in others):
             print(f"dgm: {run} has finished; nothing to resume (trainer.epochs=N takes it on to N epochs)")
             sys.exit(0)
+        _resumed_runs.append(run)
         return [*_from_saved_config(run), f"hydra.run.dir='{run}'", *others]
     return _absolute_config_path(args)
 

@@ -137,9 +137,10 @@ def as_saved(saved: dict, wanted: dict, run_dir: Path) -> dict:
     return {**wanted, "trainer": {**wanted["trainer"], "epochs": before}}
 
 
-def check_matches(run_dir: Path, cfg) -> bool:
-    """Refuse, naming what differs, unless `cfg` trains what the run's saved config trains, or
-    the same for more epochs. -> whether it asks for more epochs than the run has."""
+def check_matches(run_dir: Path, cfg, resumed: bool = False) -> bool:
+    """Refuse, naming what differs, unless `cfg` trains what the run's saved config trains, or,
+    for `resume=RUN` (`resumed`) alone, the same for more epochs: a command that only names the
+    directory must not grow a run by one changed setting. -> whether it goes on to more epochs."""
     saved = saved_config(run_dir)
     if saved is None:
         return False
@@ -147,11 +148,20 @@ def check_matches(run_dir: Path, cfg) -> bool:
         saved, wanted = training_config(saved), training_config(with_current_defaults(cfg))
     except OmegaConfBaseException as error:
         raise RunRefused(f"{run_dir / SAVED_CONFIG} cannot be resolved ({str(error).splitlines()[0]})") from None
-    changed = differences(saved, as_saved(saved, wanted, run_dir))
+    changed = differences(saved, as_saved(saved, wanted, run_dir) if resumed else wanted)
     if changed:
-        raise RunRefused(f"{run_dir} holds a run of another config ({brief(changed)}); go on with it by "
-                         f"`dgm train resume={run_dir}`, or choose a new hydra.run.dir")
+        raise RunRefused(f"{run_dir} holds a run of another config ({brief(changed)}); "
+                         f"{_advice(run_dir, saved, wanted, changed)}")
     return wanted["trainer"]["epochs"] != saved["trainer"]["epochs"]
+
+
+def _advice(run_dir: Path, saved: dict, wanted: dict, changed: list[str]) -> str:
+    """How to get what a refused command asked of the run: more epochs only by name."""
+    before, epochs = saved["trainer"]["epochs"], wanted["trainer"]["epochs"]
+    more = isinstance(before, int) and isinstance(epochs, int) and epochs > before
+    if more and len(changed) == 1 and changed[0].startswith("trainer.epochs "):
+        return f"take it on to {epochs} epochs with `dgm train resume={run_dir} trainer.epochs={epochs}`"
+    return f"go on with it by `dgm train resume={run_dir}`, or choose a new hydra.run.dir"
 
 
 def _extend(run_dir: Path, cfg) -> None:
@@ -190,12 +200,13 @@ def summary(run_dir: Path) -> dict | None:
 
 
 @contextlib.contextmanager
-def claim_for_training(run_dir: Path, cfg, hydra_cfg):
+def claim_for_training(run_dir: Path, cfg, hydra_cfg, resumed: bool = False):
     """Lock the run, check that `cfg` is the run's own config (a new run: save it), and yield
-    the run's summary if it has finished already, else None."""
+    the run's summary if it has finished already, else None. `resumed`: the command named the
+    run with `resume=RUN`, and so may take it on to more epochs."""
     command = " ".join(["dgm train", *hydra_cfg.overrides.task])
     with exclusive(run_dir, command if len(command) < 200 else command[:197] + "..."):
-        if check_matches(run_dir, cfg):
+        if check_matches(run_dir, cfg, resumed):
             _extend(run_dir, cfg)
         save_hydra_files(run_dir, cfg, hydra_cfg)
         yield summary(run_dir)

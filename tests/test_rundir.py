@@ -234,6 +234,18 @@ def test_a_finished_run_goes_on_to_more_epochs_and_ends_as_one_trained_that_long
     assert snapshot(tmp_path / "cosine") == before
 
 
+def test_more_epochs_only_by_resume_a_command_aimed_at_the_run_is_refused(run_copy, tmp_path):
+    # `hydra.run.dir=RUN` must ask for the run's own config; going on to more epochs is asked for
+    # by name (`resume=RUN`), so that a command with one setting changed cannot grow a run.
+    hydra_files = {name: (run_copy / ".hydra" / name).read_bytes() for name in ("config.yaml", "overrides.yaml")}
+    before = snapshot(run_copy)
+    result = dgm("train", "dataset=digits", *QUICK, "trainer.epochs=3", "hydra.run.dir=run", cwd=tmp_path)
+    assert_one_line_error(result, "holds a run of another config", "trainer.epochs 2 in the run, 3 here",
+                          f"`dgm train resume={run_copy} trainer.epochs=3`")
+    assert {name: (run_copy / ".hydra" / name).read_bytes() for name in hydra_files} == hydra_files
+    assert (run_copy / "summary.json").is_file() and snapshot(run_copy) == before
+
+
 def as_saved_before_new_settings(run, settings):
     """Strip `settings` ({group: [key, …]}) from the run's saved config, as a dgm that had not
     gained them yet would have written it."""
