@@ -107,7 +107,8 @@ def main() -> None:
     key = jax.random.key(1)
 
     dgm_seconds, dgm_values = timed(lambda: steps.log_likelihoods(
-        model, state, data.test, key, args.num_samples, args.sample_batch, devices, progress=False), args.repeats)
+        model, state, data.test, key, args.num_samples, args.sample_batch, devices, progress=False)["log_p"],
+        args.repeats)
     reference = reference_log_likelihood((layer_arrays(state.nets.encoder), layer_arrays(state.nets.decoder)),
                                          args.num_samples, args.sample_batch)
     test_images = jnp.asarray(data.test)

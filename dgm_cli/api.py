@@ -85,7 +85,7 @@ class Run:
 class TrainedModel:
     """A trained model with its parameters, working on NumPy arrays of binary images."""
 
-    def __init__(self, model, state, spec, settings, best_epoch: int, *, seed: int):
+    def __init__(self, model, state, spec, settings, best_epoch: int, data_fingerprint, *, seed: int):
         from dgm_cli import runtime
 
         self._model, self._state, self.spec, self._settings = model, state, spec, settings
@@ -114,7 +114,7 @@ class TrainedModel:
         num_samples = positive_int(num_samples or self._settings.num_samples, "num_samples")
         key = Keys.from_seed(self._seed if seed is None else seed).test
         return steps.log_likelihoods(self._model, self._state, self._pixels(x), key, num_samples,
-                                     self._settings.sample_batch, self._devices, progress=False)
+                                     self._settings.sample_batch, self._devices, progress=False)["log_p"]
 
     def sample(self, n: int, seed: int | None = None) -> np.ndarray:
         """[n, *image shape] samples (or their pixel probabilities, for the VAE) in [0, 1]; the

@@ -7,6 +7,7 @@ stopped: every epoch's random keys and data order follow from the seed and the e
 """
 
 import dataclasses
+import hashlib
 import logging
 import math
 import statistics
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dgm_cli import data as data_lib
-from dgm_cli import metrics, models, optim, pictures, runtime, steps, trackers
+from dgm_cli import metrics, models, optim, pictures, runtime, steps, trackers, uncertainty
 from dgm_cli.checkpoints import Checkpoints
 from dgm_cli.errors import DgmError, integer, non_negative_float, non_negative_int, positive_int
 from dgm_cli.metrics import MetricsLog, write_json_atomically
@@ -75,6 +76,12 @@ def _at_least_two(value, name: str) -> int:
     return value
 
 
+# The diagnostics key came after the others and is folded in, so that theirs stayed as they
+# were. Under `jax_threefry_partitionable` (on off the CPU), split(root, n)[i] is fold_in(root, i),
+# so it folds in a number no split of the others reaches.
+DIAGNOSTICS_FOLD = 0xd1a6
+
+
 class Keys(NamedTuple):
     """The root key of the seed, split once by purpose; epochs fold their number in."""
 
@@ -83,12 +90,12 @@ class Keys(NamedTuple):
     validation: jax.Array
     test: jax.Array
     pictures: jax.Array
-    diagnostics: jax.Array  # folded in, not split off: the keys before it stay as they were
+    diagnostics: jax.Array
 
     @classmethod
     def from_seed(cls, seed: int) -> "Keys":
         root = jax.random.key(seed)
-        return cls(*jax.random.split(root, len(cls._fields) - 1), jax.random.fold_in(root, 1))
+        return cls(*jax.random.split(root, len(cls._fields) - 1), jax.random.fold_in(root, DIAGNOSTICS_FOLD))
 
     def picture_keys(self) -> tuple[jax.Array, jax.Array]:
         """(samples, reconstructions): the keys of the run's pictures."""
@@ -186,25 +193,42 @@ def train_epochs(model, train_epoch, state, history, splits, keys, settings, dev
     return state
 
 
-def evaluate_test(model, state, test_data: dict, key, settings, devices) -> dict[str, float]:
-    """Test log-likelihood (importance sampled unless exact) and the other test metrics, of the
-    test split as the host holds it ({"x": [N, D] uint8, "labels"?: [N]})."""
-    log_p = steps.log_likelihoods(model, state, test_data["x"], key, settings.num_samples,
-                                  settings.sample_batch, devices, settings.progress)
+def evaluate_test(model, state, test_data: dict, key, settings, devices) -> tuple[dict, np.ndarray]:
+    """The test figures (`uncertainty.summarise`: the NLL, exact or importance sampled, with its
+    standard error and, sampled, its k-curve, ESS and convergence) and the other test metrics, of
+    the test split as the host holds it ({"x": [N, D] uint8, "labels"?: [N]}); and the per-image
+    log p(x) [N] float32 behind them."""
+    evidence = steps.log_likelihoods(model, state, test_data["x"], key, settings.num_samples,
+                                     settings.sample_batch, devices, settings.progress)
+    counts = None if model.exact_likelihood else steps.curve_sample_counts(settings.num_samples)
     others = steps.make_evaluate(model, settings.eval_batch_size, devices)(state, devices.put(test_data), key)
-    return {"nll": -float(np.mean(log_p)), **{name: float(value) for name, value in others.items()}}
+    figures = {**uncertainty.summarise(evidence, counts), **{name: float(value) for name, value in others.items()}}
+    return figures, evidence["log_p"].astype(np.float32)
 
 
 def test_evaluation(model, state, test_data: dict, seed, epoch: int, settings, devices, command: str):
-    """The test figures of `epoch`'s parameters, and the same as a record of `evaluations.jsonl`,
-    which adds how they were measured (the sample count, 0 when exact, and the seed) and when."""
+    """The test figures of `epoch`'s parameters, the same as a record of `evaluations.jsonl`,
+    which adds how they were measured (the sample count, 0 when exact, and the seed), on which
+    images (a digest of the test set) and when, and the per-image log p(x) [N] behind them."""
     how = "exactly" if model.exact_likelihood else f"with {settings.num_samples} importance samples per example"
     log.info("testing epoch %d %s", epoch, how)
     started = time.perf_counter()
-    test = evaluate_test(model, state, test_data, Keys.from_seed(seed).test, settings, devices)
+    test, per_image = evaluate_test(model, state, test_data, Keys.from_seed(seed).test, settings, devices)
+    if not test["converged"]:
+        log.warning("the test NLL has not converged: %s; more eval.num_samples (dgm eval RUN eval.num_samples=N) "
+                    "would tell how far it is from log p(x)", test["convergence"])
+    images = hashlib.blake2b(np.ascontiguousarray(test_data["x"]).data, digest_size=16).hexdigest()
     return test, {"epoch": epoch, "num_samples": 0 if model.exact_likelihood else settings.num_samples,
-                  "seed": seed, **test, "seconds": time.perf_counter() - started, "command": command,
-                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                  "seed": seed, **test, "test_images": images, "seconds": time.perf_counter() - started,
+                  "command": command, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, per_image
+
+
+def describe_test(figures: dict, num_samples: int) -> str:
+    """"93.66 ± 0.27 nats (5000 samples)", with "(exact)" or ", not converged" as it was measured."""
+    how = "exact" if not num_samples else f"{num_samples} samples" + ("" if figures.get("converged", True)
+                                                                      else ", not converged")
+    stderr = figures.get("nll_stderr")
+    return f"{figures['nll']:.2f}" + (f" ± {stderr:.2f}" if stderr is not None else "") + f" nats ({how})"
 
 
 def describe_devices(devices) -> list[str]:
@@ -308,11 +332,12 @@ def run(cfg, run_dir: Path) -> dict:
                 state = train_epochs(model, train_epoch, state, history, splits, keys, settings, devices,
                                      checkpoints, metrics_log, record, data.dynamic)
                 state = checkpoints.restore(history.best_epoch, like=state)
-                test, evaluation = test_evaluation(model, state, data.batches()["test"], cfg.seed,
-                                                   history.best_epoch, settings, devices, "dgm train")
-                metrics_log.write("test", history.best_epoch, history.best_epoch * steps_per_epoch, test)
+                test, evaluation, per_image = test_evaluation(model, state, data.batches()["test"], cfg.seed,
+                                                              history.best_epoch, settings, devices, "dgm train")
+                metrics_log.write("test", history.best_epoch, history.best_epoch * steps_per_epoch,
+                                  {name: value for name, value in test.items() if isinstance(value, float)})
             if primary:
-                metrics.append_evaluation(run_dir, evaluation)
+                evaluation = metrics.append_evaluation(run_dir, evaluation, per_image)
             pictures = save_pictures(model, state, data.test, data.image_shape, keys, settings.num_pictures, run_dir,
                                      primary)
             summary = {
@@ -337,6 +362,6 @@ def run(cfg, run_dir: Path) -> dict:
             tracker.finish(summary, pictures, history.epoch * steps_per_epoch)
             if primary:
                 write_json_atomically(run_dir / "summary.json", summary)
-    log.info("test NLL %.2f nats, test neg-ELBO %.2f, best epoch %d; run directory %s",
-             test["nll"], test["neg_elbo"], history.best_epoch, run_dir)
+    log.info("test NLL %s, test neg-ELBO %.2f, best epoch %d; run directory %s",
+             describe_test(test, evaluation["num_samples"]), test["neg_elbo"], history.best_epoch, run_dir)
     return summary

@@ -7,6 +7,8 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
+
 
 def read_records(path: Path) -> list[dict]:
     """The records of a metrics.jsonl, less a last line that a killed run left unfinished."""
@@ -55,12 +57,30 @@ class MetricsLog:
 
 
 EVALUATIONS = "evaluations.jsonl"
+PER_IMAGE = Path("evaluations")  # beside evaluations.jsonl: the per-image log p(x) of each record
 
 
-def append_evaluation(run_dir: Path, evaluation: dict) -> None:
-    """Keep a test evaluation of the run (every one is kept: a figure is never lost)."""
+def append_evaluation(run_dir: Path, evaluation: dict, per_image: np.ndarray | None = None) -> dict:
+    """Keep a test evaluation of the run (every one is kept: a figure is never lost), with the
+    per-image log p(x) [N] behind it in a float32 .npy file that its record names
+    ("per_image", relative to the run). -> the record as kept."""
+    if per_image is not None:
+        relative = PER_IMAGE / f"{len(read_evaluations(run_dir)):04d}.npy"
+        (run_dir / PER_IMAGE).mkdir(exist_ok=True)
+        temporary = run_dir / relative.with_suffix(".tmp.npy")
+        np.save(temporary, np.asarray(per_image, np.float32))
+        os.replace(temporary, run_dir / relative)
+        evaluation = {**evaluation, "per_image": str(relative)}
     with open(run_dir / EVALUATIONS, "a") as file:
         file.write(json.dumps(evaluation) + "\n")
+    return evaluation
+
+
+def read_per_image(run_dir: Path, record: dict) -> np.ndarray | None:
+    """The per-image log p(x) [N] of an evaluation record (or of summary.json's headline), if kept."""
+    name = record.get("per_image") or record.get("test_per_image")
+    path = run_dir / name if name else None
+    return np.load(path) if path and path.is_file() else None
 
 
 def read_evaluations(run_dir: Path) -> list[dict]:
@@ -75,9 +95,12 @@ def best_measured(evaluations: list[dict], epoch: int) -> dict:
 
 
 def headline_figures(evaluation: dict) -> dict:
-    """The keys of summary.json that an evaluation sets."""
-    return {"test_nll": evaluation["nll"], "test_nll_samples": evaluation["num_samples"],
-            "test_nll_seed": evaluation["seed"], "test_neg_elbo": evaluation["neg_elbo"]}
+    """The keys of summary.json that an evaluation sets (a record from before dgm kept the
+    evidence lacks some: they are None then)."""
+    return {"test_nll": evaluation["nll"], "test_nll_stderr": evaluation.get("nll_stderr"),
+            "test_nll_converged": evaluation.get("converged"), "test_nll_samples": evaluation["num_samples"],
+            "test_nll_seed": evaluation["seed"], "test_neg_elbo": evaluation["neg_elbo"],
+            "test_images": evaluation.get("test_images"), "test_per_image": evaluation.get("per_image")}
 
 
 def write_atomically(path: Path, text: str) -> None:

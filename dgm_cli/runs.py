@@ -24,7 +24,8 @@ def run_directory(path) -> Path:
 
 
 def best_model(run: Path, cfg):
-    """(model, its state at the run's best epoch so far, data Spec, Settings, the best epoch)."""
+    """(model, its state at the run's best epoch so far, data Spec, Settings, the best epoch,
+    the fingerprint of the data it was trained on, or None for a run saved before dgm kept it)."""
     if not (run / "checkpoints").is_dir():
         raise DgmError(f"{run} has no checkpoint yet")
     with Checkpoints(run / "checkpoints") as checkpoints:
@@ -37,7 +38,7 @@ def best_model(run: Path, cfg):
         model = loop.build_model(cfg, spec, settings)
         best_epoch = record["history"]["best_epoch"]
         state = checkpoints.restore(best_epoch, like=jax.eval_shape(model.init, jax.random.key(0)))
-    return model, state, spec, settings, best_epoch
+    return model, state, spec, settings, best_epoch, record.get("data_fingerprint")
 
 
 def _config(run: Path, overrides: list[str], allowed: tuple[str, ...]):
@@ -94,18 +95,22 @@ def evaluate(args: list[str]) -> None:
     cfg = _config(run, overrides, ("eval.",))
     with rundir.exclusive(run, "dgm eval"):
         cache_dir = runtime.configure(cfg)
-        model, state, spec, settings, best_epoch = best_model(run, cfg)
+        model, state, spec, settings, best_epoch, fingerprint = best_model(run, cfg)
         data = data_lib.load(cfg.dataset, cache_dir and cache_dir / "data")
+        if fingerprint is not None and data.fingerprint() != fingerprint:
+            raise DgmError(f"the data of {cfg.dataset.name} changed since {run} was trained on them; its test "
+                           "figures are of the data it was trained with, so dgm eval measures on those only")
         devices = runtime.Devices(data_parallel=False)
-        test, evaluation = loop.test_evaluation(model, state, data.batches()["test"], options["seed"], best_epoch,
-                                                 settings, devices, "dgm eval")
-        samples = evaluation["num_samples"]
-        print(f"{run}: epoch {best_epoch}, test NLL {test['nll']:.4f} nats ({samples or 'exact, no'} samples, "
-              f"seed {options['seed']}), test neg-ELBO {test['neg_elbo']:.4f}")
+        test, evaluation, per_image = loop.test_evaluation(model, state, data.batches()["test"], options["seed"],
+                                                           best_epoch, settings, devices, "dgm eval")
+        print(f"{run}: epoch {best_epoch}, test NLL {loop.describe_test(test, evaluation['num_samples'])} "
+              f"(seed {options['seed']}), test neg-ELBO {test['neg_elbo']:.4f}")
+        if not test["converged"]:
+            print(f"not converged: {test['convergence']}")
         summary = rundir.summary(run)
         # A run from before evaluations were kept: its summary's figure is the first of them.
         evaluations = metrics.read_evaluations(run) or ([_evaluation_of(summary)] if summary else [])
-        metrics.append_evaluation(run, evaluation)
+        evaluation = metrics.append_evaluation(run, evaluation, per_image)
         if summary is None:
             print(f"kept in {run / metrics.EVALUATIONS}; {run} has not finished, so it has no summary.json")
             return
@@ -137,7 +142,7 @@ def sample(args: list[str]) -> None:
     count = positive_int(options["n"], "n")
     with rundir.exclusive(run, "dgm sample"):
         runtime.configure(cfg)
-        model, state, spec, _, best_epoch = best_model(run, cfg)
+        model, state, spec, _, best_epoch, _ = best_model(run, cfg)
         # The key the run drew its own samples.png with, for the run's seed.
         key, _ = loop.Keys.from_seed(options["seed"]).picture_keys()
         path = run / "samples" / f"sample-n{count}-seed{options['seed']}.png"

@@ -138,30 +138,53 @@ def active_units(model, state, data: dict, key) -> list[int]:
     return [int(count) for count in jax.device_get(_jitted_active_units(model)(state, data["x"], key))]
 
 
+def curve_sample_counts(num_samples: int) -> tuple[int, ...]:
+    """The k at which the k-curve of an importance-sampled estimate is read: 1, 10, 100, … up
+    to K = `num_samples`, and K/10 and K themselves, so that the last tenfold step is on it."""
+    counts = {10**power for power in range(len(str(num_samples))) if 10**power <= num_samples} | {num_samples}
+    if num_samples >= 10:
+        counts.add(num_samples // 10)
+    return tuple(sorted(counts))
+
+
 def make_log_likelihood(model, num_samples: int, sample_batch: int):
-    """(state, x [B, D], key) -> [B] importance-sampled log p(x) with `num_samples` samples
-    each, and the B to call it with: at most `sample_batch` (example, sample) pairs are
-    evaluated at once, so memory stays bounded however many samples are asked for."""
+    """(state, x [B, D], key) -> {"log_p": [B] log p(x)} and the B to call it with. Importance
+    sampled (`num_samples` samples each) it also gives, from the same draws, "log_p_by_k"
+    [B, len(curve_sample_counts)], the estimate from each example's first k samples, and
+    "log_ess" [B], the log of the effective sample size (Σ w)² / Σ w². At most `sample_batch`
+    (example, sample) pairs are evaluated at once, so memory stays bounded however many samples
+    are asked for."""
     if model.exact_likelihood:
-        exact = lambda state, x, key: model.log_likelihood(state, x.astype(jnp.float32), key, 0)
+        exact = lambda state, x, key: {"log_p": model.log_likelihood(state, x.astype(jnp.float32), key, 0)}
         return jax.jit(exact), sample_batch
     chunk = min(sample_batch, num_samples)
     full_chunks, rest = divmod(num_samples, chunk)
+    counts = jnp.asarray(curve_sample_counts(num_samples))  # [C], the last of them K
 
     @jax.jit
     def log_likelihood(state, x, key):
         x = x.astype(jnp.float32)
         keys = jax.random.split(key, full_chunks + 1)
 
-        # Running log Σ_i w_i: a chunk's log-mean-exp plus log(its size) is its log-sum-exp.
-        def add_chunk(log_sum, key, size=chunk):
-            return jnp.logaddexp(log_sum, model.log_likelihood(state, x, key, size) + math.log(size))
+        # Running sums in log space, over the samples drawn so far: log Σ_{i<k} w_i for every k
+        # of the curve (the last is k = K, the estimate itself), and log Σ w_i² for the ESS.
+        def add_chunk(sums, key, offset, size=chunk):
+            prefix_sums, log_sum_squares = sums
+            log_w = model.log_weights(state, x, key, size)  # [size, B]
+            running = jax.lax.cumlogsumexp(log_w, axis=0)  # [size, B]: log Σ of the chunk's first i + 1
+            taken = jnp.clip(counts - offset, 0, size)  # [C] samples of this chunk within each k
+            in_prefix = jnp.where((taken > 0)[:, None], running[jnp.maximum(taken - 1, 0)], -jnp.inf)
+            return (jnp.logaddexp(prefix_sums, in_prefix),
+                    jnp.logaddexp(log_sum_squares, jax.nn.logsumexp(2 * log_w, axis=0)))
 
-        log_sum = jnp.full(x.shape[0], -jnp.inf)
-        log_sum, _ = jax.lax.scan(lambda acc, key: (add_chunk(acc, key), None), log_sum, keys[:-1])
+        sums = (jnp.full((len(counts), x.shape[0]), -jnp.inf), jnp.full(x.shape[0], -jnp.inf))
+        sums, _ = jax.lax.scan(lambda sums, inputs: (add_chunk(sums, *inputs), None), sums,
+                               (keys[:-1], jnp.arange(full_chunks) * chunk))
         if rest:
-            log_sum = add_chunk(log_sum, keys[-1], rest)
-        return log_sum - math.log(num_samples)
+            sums = add_chunk(sums, keys[-1], full_chunks * chunk, rest)
+        prefix_sums, log_sum_squares = sums
+        log_p_by_k = prefix_sums - jnp.log(counts)[:, None]
+        return {"log_p": log_p_by_k[-1], "log_p_by_k": log_p_by_k.T, "log_ess": 2 * prefix_sums[-1] - log_sum_squares}
 
     return log_likelihood, max(1, sample_batch // chunk)
 
@@ -172,7 +195,8 @@ LOG_EVERY_SECONDS = 30.0
 
 @functools.lru_cache(maxsize=8)  # compiled once for a model, however often it is evaluated
 def _batched_log_likelihood(model, num_samples: int, sample_batch: int, devices):
-    """-> (state, x [n, B, D], keys [n]) -> [n, B] log p(x), jitted, and the batch size B."""
+    """-> (state, x [n, B, D], keys [n]) -> {name: [n, B, ...]} of `make_log_likelihood`, jitted,
+    and the batch size B."""
     log_likelihood, batch_size = make_log_likelihood(model, num_samples, sample_batch)
 
     @jax.jit
@@ -184,7 +208,8 @@ def _batched_log_likelihood(model, num_samples: int, sample_batch: int, devices)
 
 
 def log_likelihoods(model, state, x: np.ndarray, key, num_samples: int, sample_batch: int, devices, progress: bool):
-    """[N] log p(x) of every example of x [N, D] (on the host), in at most `CALLS` jitted calls,
+    """{"log_p": [N] log p(x), and when sampled "log_p_by_k" [N, C] and "log_ess" [N] (see
+    `make_log_likelihood`)} of every example of x [N, D] (on the host), in at most `CALLS` jitted calls,
     each a `lax.map` over batches of examples split over `devices`; the progress goes to a bar
     on a terminal and to the log every half minute, so that it shows under nohup and Slurm too."""
     some_batches, batch_size = _batched_log_likelihood(model, num_samples, sample_batch, devices)
@@ -202,7 +227,7 @@ def log_likelihoods(model, state, x: np.ndarray, key, num_samples: int, sample_b
     for call in tqdm(range(calls), desc="test log-likelihood", leave=False, disable=None if progress else True):
         # The next call is queued before this one is waited for, so that the device never idles.
         queued = some_batches(state, devices.put(x[call + 1]), keys[call + 1]) if call + 1 < calls else None
-        results.append(np.asarray(running).reshape(-1))
+        results.append({name: np.asarray(values).reshape(-1, *values.shape[2:]) for name, values in running.items()})
         running = queued
         now = time.perf_counter()
         if now - logged >= LOG_EVERY_SECONDS and call + 1 < calls:
@@ -210,7 +235,7 @@ def log_likelihoods(model, state, x: np.ndarray, key, num_samples: int, sample_b
             log.info("test log-likelihood: %d%% after %s, about %s left", round(100 * done),
                      _duration(now - started), _duration((now - started) * (1 - done) / done))
             logged = now
-    return np.concatenate(results)[:size]
+    return {name: np.concatenate([result[name] for result in results])[:size] for name in results[0]}
 
 
 def _duration(seconds: float) -> str:

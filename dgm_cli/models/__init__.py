@@ -9,6 +9,8 @@ The runner knows a model only through this contract, and a model knows nothing a
                                                          #   metrics: scalars, "loss" among them
     model.evaluate(state, batch, key)                    # per-example metrics, each [B]
     model.log_likelihood(state, x, key, num_samples)     # [B] log p(x) estimate, in nats
+    model.log_weights(state, x, key, num_samples)        # [K, B] log p(x, h_k) − log q(h_k | x),
+                                                         #   h_k ~ q(h | x): not for exact families
     model.sample(state, key, n)                          # [n, D] samples or their pixel
                                                          #   probabilities, in [0, 1]
     model.reconstruct(state, x, key)                     # [B, D] pixel probabilities

@@ -144,8 +144,11 @@ class HelmholtzMachine:
     selection_metric = "loss"  # the importance-sampled bound with K samples, on validation data
 
     def log_likelihood(self, state, x, key, num_samples: int):
+        return objectives.log_mean_exp(self.log_weights(state, x, key, num_samples))
+
+    def log_weights(self, state, x, key, num_samples: int):
         hidden, log_q = state.recognition.sample(x, key, num_samples)
-        return objectives.log_mean_exp(state.generative.log_prob(x, hidden) - log_q)
+        return state.generative.log_prob(x, hidden) - log_q  # [K, B]
 
     def sample(self, state, key, n: int):
         _, hidden = state.generative.sample(key, n)

@@ -238,7 +238,10 @@ class VAE:
         return self._metrics(self._draw(state.nets, batch["x"], key, self.num_samples))
 
     def log_likelihood(self, state: State, x, key, num_samples: int):
-        return objectives.log_mean_exp(self._log_weights(self._draw(state.nets, x, key, num_samples)))
+        return objectives.log_mean_exp(self.log_weights(state, x, key, num_samples))
+
+    def log_weights(self, state: State, x, key, num_samples: int):
+        return self._log_weights(self._draw(state.nets, x, key, num_samples))
 
     def sample(self, state: State, key, n: int):
         prior_key, key = jax.random.split(key)
