@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from dgm_cli import objectives, loop
 from dgm_cli.data import Spec
 from dgm_cli.errors import DgmError
-from dgm_cli.models.vae import VAE
+from dgm_cli.models.vae import VAE, _variance_of_posterior_means
 from tests.test_cli import dgm
 
 X = (jax.random.uniform(jax.random.key(4), (6, 5)) < 0.5).astype(jnp.float32)  # [B, D]
@@ -119,7 +119,47 @@ def test_active_units_count_the_units_whose_posterior_mean_varies():
     top.kernel[...] = top.kernel[...].at[:, 1].set(0.0)
     for layer in (last, top):  # and make the live ones vary plainly
         layer.kernel[...] = layer.kernel[...] * 5.0
+    # With z_1 drawn close to its mean, so that the top unit's E_q[z_2 | x] varies with x itself
+    # (at the initial log σ² its variance over x was ≈ 0.011, and its M-draw mean's ≈ 0.18 was noise).
+    last.kernel[...], last.bias[...] = last.kernel[...].at[:, 3:].set(0.0), last.bias[...].at[3:].set(-6.0)
     assert [int(c) for c in model.active_units(state, x, jax.random.key(3))] == [1, 1]
+
+
+def test_active_units_above_the_bottom_layer_do_not_count_the_noise_of_the_draws():
+    """The top layer's unit 0, μ_2,0 = tanh(z_1,1), reads only z_1's unit 1, whose mean is the same
+    for every x but whose draws are wide: E_q[z_2,0 | x] is constant, yet the mean of M = 10 draws
+    of μ_2,0 varies over x with variance ≈ Var(tanh(z_1,1)) / M ≈ 0.06, which the plain variance
+    over x counted as active. Its unit 1, μ_2,1 = tanh(z_1,0), reads z_1's unit 0, which varies
+    with x and is nearly exact: active (variance ≈ 0.3). With N = 4000 the corrected statistic of
+    unit 0 has a standard error ≈ 0.06 √(2/N) ≈ 0.0015, well below the threshold 10⁻²."""
+    model = make_vae(hidden=[[6], [4]], latent_dim=[2, 2])
+    state = model.init(jax.random.key(0))
+    x = (jax.random.uniform(jax.random.key(2), (4000, X.shape[1])) < 0.5).astype(jnp.float32)
+    bottom, (top_in, top_out) = state.nets.encoder.layers[-1], state.nets.upper_encoders[0].layers
+    # q(z_1 | x): unit 0 ~ N(5 NN(x)_0, e⁻¹²), unit 1 ~ N(0, 4) for every x.  [μ_0, μ_1, log σ²_0, log σ²_1]
+    bottom.kernel[...] = bottom.kernel[...].at[:, 0].multiply(5.0).at[:, 1:].set(0.0)
+    bottom.bias[...] = jnp.array([0.0, 0.0, -12.0, jnp.log(4.0)])
+    # q(z_2 | z_1): hidden unit 0 is tanh(z_1,0), 1 is tanh(z_1,1); μ_2 = (hidden 1, hidden 0), log σ_2² = 0.
+    top_in.kernel[...], top_in.bias[...] = jnp.eye(2, 4), jnp.zeros(4)
+    top_out.kernel[...] = jnp.zeros((4, 4)).at[1, 0].set(1.0).at[0, 1].set(1.0)  # [hidden, (μ_2, log σ_2²)]
+    top_out.bias[...] = jnp.zeros(4)
+    assert [int(c) for c in jax.jit(model.active_units)(state, x, jax.random.key(3))] == [1, 1]  # was [1, 2]
+
+
+def test_the_variance_of_posterior_means_leaves_out_the_noise_of_the_draws():
+    """M draws μ = f(x) + noise at each of N examples: unit 0 has f = 0 and noise of variance 1,
+    unit 1 an f that rises over the examples, Var_x(f) = 0.25, and noise whose variance rises with
+    it, 4 on average. The plain variance of the draws' mean adds E_x[Var(μ | x)] / M to each; the
+    estimate does not."""
+    m, n = 10, 20_000
+    u = jnp.linspace(0.0, 1.0, n)
+    f = math.sqrt(3) * (u - 0.5)  # Var_x(f) = 3 / 12
+    noise_sd = jnp.stack([jnp.ones(n), jnp.sqrt(8.0 * u)], -1)  # E_x[Var(μ | x)] = 1, 4
+    draws = jnp.stack([jnp.zeros(n), f], -1) + noise_sd * jax.random.normal(jax.random.key(0), (m, n, 2))  # [M, N, 2]
+    plain = jnp.var(jnp.mean(draws, axis=0), axis=0)
+    np.testing.assert_allclose(plain, [0.1, 0.25 + 0.4], atol=0.01)  # the noise counted
+    standard_error = np.sqrt(2 / n) * np.array([0.1, 0.4]) * 1.5  # of the mean of N squared noises / M, roomy
+    assert np.all(np.abs(_variance_of_posterior_means(draws) - np.array([0.0, 0.25])) < 3 * standard_error)
 
 
 @pytest.mark.parametrize("override,message", [

@@ -32,7 +32,20 @@ from dgm_cli.models import nets
 from dgm_cli.optim import apply_gradients
 
 ACTIVE_UNIT_THRESHOLD = 1e-2  # Burda et al.: a unit is active when Cov_x(E_q[z_u]) exceeds it
-ACTIVE_UNIT_SAMPLES = 10  # draws of the layers below that average E_q[z_l | x] for l > 1
+ACTIVE_UNIT_SAMPLES = 10  # draws of the layers below that average E_q[z_l | x] for l > 1 (≥ 2: their spread is used)
+
+
+def _variance_of_posterior_means(means):
+    """Var_x(E[μ | x]) over N examples from M i.i.d. draws of μ [M, N, L] at each: [L], unbiased.
+
+    The mean of the draws m̄(x) = E[μ | x] + noise of variance Var(μ | x) / M, so Var_x(m̄)
+    overstates the statistic by E[Var_x(noise)] = (1 − 1/N) E_x[Var(μ | x)] / M; the within-x
+    sample variance s²(x) (M − 1 in the denominator) estimates Var(μ | x) without bias:
+        Var_x(m̄) − (1 − 1/N) E_x[s²(x)] / M.
+    It is one-way ANOVA's between-group variance component, with Var_x over N, not N − 1."""
+    m, n = means.shape[0], means.shape[1]
+    noise = jnp.mean(jnp.var(means, axis=0, ddof=1), axis=0) / m  # E_x[s²(x)] / M, [L]
+    return jnp.var(jnp.mean(means, axis=0), axis=0) - (1.0 - 1.0 / n) * noise
 
 
 def _split(output):
@@ -262,13 +275,16 @@ class VAE:
 
     def active_units(self, state: State, x, key):
         """Active units per stochastic layer, bottom first (Burda et al. 2016): those whose
-        posterior mean E_q[z_u | x] varies over the examples x [N, D] with variance above 10⁻²;
-        E_q[z_l | x] averages μ_l over draws of the layers below."""
+        posterior mean E_q[z_u | x] varies over the examples x [N, D] with variance above 10⁻².
+        Above the bottom layer E_q[z_l | x] = E[μ_l | x] over draws of the layers below, which
+        `_variance_of_posterior_means` estimates from M of them without counting their noise."""
         counts, h = [], x
         for index, encoder in enumerate(state.nets.encoders()):
-            mean, log_var = _split(encoder(h))
+            mean, log_var = _split(encoder(h))  # [N, L_1], then [M, N, L_l]
             shape = (ACTIVE_UNIT_SAMPLES, *mean.shape) if index == 0 else mean.shape
-            posterior_mean = mean if index == 0 else jnp.mean(mean, axis=0)
-            counts.append(jnp.sum(jnp.var(posterior_mean, axis=0) > ACTIVE_UNIT_THRESHOLD))
+            # The plain variance over x of the draws' mean would add ≈ E_x[Var(μ_l | x)] / M, which
+            # counted units whose mean is the same for every x but whose draws are noisy.
+            variance = jnp.var(mean, axis=0) if index == 0 else _variance_of_posterior_means(mean)  # [L_l]
+            counts.append(jnp.sum(variance > ACTIVE_UNIT_THRESHOLD))
             h = mean + jnp.exp(0.5 * log_var) * jax.random.normal(jax.random.fold_in(key, index), shape)
         return jnp.stack(counts)
