@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dgm_cli import settings
 from dgm_cli.errors import DgmError
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ def run_train_app(args: list[str]) -> None:
     trained_runs.clear()
     _resumed_runs.clear()
     args = _train_arguments(args)
+    settings.check(args)  # a key the config lacks, even with +, is refused here, not ignored
     if "hydra/sweeper=optuna" in args and not any(arg.startswith("hydra.sweeper.max_failure_rate=") for arg in args):
         # Optuna's sweeper counts a job that returns no value as a failed trial, and by default
         # stops the search at the first: a search expects some (a learning rate that diverges).
@@ -165,15 +167,18 @@ def _train_arguments(args: list[str]) -> list[str]:
     """The user's arguments for Hydra: `resume=RUN` spelled out, --config-path made absolute."""
     resume = [arg for arg in args if arg.startswith("resume=")]
     if resume:
-        others = [arg for arg in args if arg not in resume]
-        refused = [arg for arg in others if not arg.startswith((*RESUME_OVERRIDES, "trainer.epochs="))]
-        if refused or len(resume) > 1:
-            raise DgmError(f"resume=RUN takes no {' '.join(refused or resume)}: a resumed run keeps its own config "
-                           f"(it takes only {', '.join(a + '…' for a in RESUME_OVERRIDES)}, and trainer.epochs=N "
-                           f"to go on to N epochs)")
+        if len(resume) > 1:
+            raise DgmError(f"resume=RUN takes one run, not {' '.join(resume)}")
         from dgm_cli.runs import run_directory
 
         run = run_directory(resume[0].split("=", 1)[1]).absolute()
+        others = [arg for arg in args if arg not in resume]
+        settings.check(["--config-path", str(run / ".hydra"), "--config-name", "config", *others])
+        refused = [arg for arg in others if not arg.startswith((*RESUME_OVERRIDES, "trainer.epochs="))]
+        if refused:
+            raise DgmError(f"resume=RUN takes no {' '.join(refused)}: a resumed run keeps its own config "
+                           f"(it takes only {', '.join(a + '…' for a in RESUME_OVERRIDES)}, and trainer.epochs=N "
+                           f"to go on to N epochs)")
         if (run / "summary.json").is_file() and not any(arg.startswith("trainer.epochs=") for arg in others):
             print(f"dgm: {run} has finished; nothing to resume (trainer.epochs=N takes it on to N epochs)")
             sys.exit(0)
@@ -202,7 +207,7 @@ def rerun(args: list[str]) -> None:
 
     run, overrides = run_directory(args[0]), args[1:]
     new_run_dir = f"hydra.run.dir={_default_run_dir()}"  # the saved config has no hydra node
-    groups = [override for override in overrides if _is_group_override(override)]
+    groups = [override for override in overrides if settings.is_group(override.lstrip("+~").split("=", 1)[0])]
     if not groups:  # the saved config itself: the run exactly, whatever the package's configs say today
         train([*_from_saved_config(run), new_run_dir, *overrides])
         return
@@ -221,12 +226,6 @@ def rerun(args: list[str]) -> None:
                        f"config ({rundir.brief(changed)}); start it afresh with dgm train {' '.join(saved_overrides)} "
                        f"{' '.join(overrides)}")
     train([new_run_dir, *saved_overrides, *overrides])
-
-
-def _is_group_override(override: str) -> bool:
-    """`optimizer=sgd`, `+experiment=x`, `~schedule`, `hydra/launcher=…`: a config group, not a value."""
-    key = override.lstrip("+~").split("=", 1)[0]
-    return "/" in key or (resources.files("dgm_cli.configs") / key).is_dir()
 
 
 def _train_yaml_hydra() -> dict:

@@ -8,7 +8,7 @@ import jax
 from omegaconf import OmegaConf
 
 from dgm_cli import data as data_lib
-from dgm_cli import metrics, pictures, rundir, runtime, loop
+from dgm_cli import loop, metrics, pictures, rundir, runtime, settings
 from dgm_cli.checkpoints import Checkpoints
 from dgm_cli.errors import DgmError, positive_int
 from dgm_cli.metrics import write_json_atomically
@@ -41,13 +41,19 @@ def best_model(run: Path, cfg):
     return model, state, spec, settings, best_epoch, record.get("data_fingerprint")
 
 
-def _config(run: Path, overrides: list[str], allowed: tuple[str, ...]):
-    """The run's saved config with `overrides`, on this machine alone: a run trained on several
-    hosts is evaluated by one process, which must not wait for the others to join it."""
+def _config(run: Path, overrides: list[str], allowed: tuple[str, ...], options: list[str], command: str, takes: str):
+    """The run's saved config with `overrides` of its `allowed` settings, on this machine alone:
+    a run trained on several hosts is evaluated by one process, which must not wait for the
+    others to join it. Any other key is refused, with the closest real ones (or the command's
+    own `options`) and what the command `takes`."""
+    saved = rundir.saved_config(run)
+    known = [key for key in settings.paths(OmegaConf.to_container(saved)) if key.startswith(allowed)]
     for override in overrides:
-        if "=" not in override or not override.startswith(allowed):
-            raise DgmError(f"{override!r}: this command takes {', '.join(a + '…' for a in allowed)} overrides only")
-    cfg = OmegaConf.merge(rundir.saved_config(run), OmegaConf.from_dotlist(overrides))
+        key = override.split("=", 1)[0].lstrip("+~")
+        if "=" not in override or key not in known:
+            raise DgmError(settings.unknown(key, [*known, *options], what=f"a setting of {command}",
+                                            otherwise=f"; {command} takes {takes}"))
+    cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(overrides))
     cfg.distributed.coordinator_address = None
     return cfg
 
@@ -92,7 +98,8 @@ def evaluate(args: list[str]) -> None:
     saved = OmegaConf.load(run / ".hydra" / "config.yaml")
     options, overrides = _options(args[1:], {"seed": saved.seed, "headline": False},
                                   "dgm eval takes seed=INTEGER and headline=true|false")
-    cfg = _config(run, overrides, ("eval.",))
+    cfg = _config(run, overrides, ("eval.",), list(options), "dgm eval",
+                  "eval.num_samples=N, eval.batch_size=B, eval.sample_batch=S, seed=S and headline=true|false")
     with rundir.exclusive(run, "dgm eval"):
         cache_dir = runtime.configure(cfg)
         model, state, spec, settings, best_epoch, fingerprint = best_model(run, cfg)
@@ -135,10 +142,9 @@ def sample(args: list[str]) -> None:
     if not args:
         raise DgmError(SAMPLE_USAGE.splitlines()[0])
     run = run_directory(args[0])
-    cfg = _config(run, [], ())
-    options, rest = _options(args[1:], {"n": 64, "seed": cfg.seed}, "dgm sample takes n=COUNT and seed=INTEGER")
-    if rest:
-        raise DgmError(f"{rest[0]!r}: dgm sample takes n=COUNT and seed=INTEGER")
+    saved = OmegaConf.load(run / ".hydra" / "config.yaml")
+    options, rest = _options(args[1:], {"n": 64, "seed": saved.seed}, "dgm sample takes n=COUNT and seed=INTEGER")
+    cfg = _config(run, rest, (), list(options), "dgm sample", "n=COUNT and seed=INTEGER")
     count = positive_int(options["n"], "n")
     with rundir.exclusive(run, "dgm sample"):
         runtime.configure(cfg)
