@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dgm_cli import uncertainty
 from tests.conftest import QUICK
 from tests.test_cli import assert_one_line_error, dgm
 
@@ -59,6 +60,26 @@ def test_a_2x2_sweep_and_its_report(tmp_path):
     assert (sweep / "report.md").read_text() in result.stdout and " ± " in result.stdout
     assert "dataset=digits" in result.stdout  # shared by every run: said once, above the table
     assert Image.open(sweep / "curves.png").size[0] > 400
+
+    # Over the seeds, the t interval of the mean; against the best row, the paired difference.
+    summaries = {job: json.loads((sweep / job / "summary.json").read_text()) for job in "0123"}
+    nlls = {job: -np.load(sweep / job / s["test_per_image"]).astype(np.float64) for job, s in summaries.items()}
+    jobs = {"optimizer.lr=0.001": "01", "optimizer.lr=0.003": "23"}
+    best, other = rows[0]["config"], rows[1]["config"]
+    for row in rows:
+        values = [nll[job] for job in jobs[row["config"]]]
+        assert row["n"] == "2" and float(row["test_nll_std"]) == pytest.approx(np.std(values, ddof=1))
+        interval = (float(row["test_nll_ci_low"]), float(row["test_nll_ci_high"]))
+        assert interval == pytest.approx(uncertainty.mean_interval(values)) and row["compared_with"] == best
+    difference = np.mean([nlls[j] for j in jobs[other]], 0) - np.mean([nlls[j] for j in jobs[best]], 0)
+    assert float(rows[1]["paired_difference"]) == pytest.approx(difference.mean(), rel=1e-5)
+    assert float(rows[1]["paired_difference_stderr"]) == pytest.approx(uncertainty.standard_error(difference))
+    # Paired on the same images, the difference is known far better than either figure.
+    assert float(rows[1]["paired_difference_stderr"]) < float(rows[1]["test_nll_stderr"]) / 2
+    assert rows[0]["paired_difference"] == "" and f"behind {best}: +" in result.stdout and "95% CI" in result.stdout
+    assert Image.open(sweep / "convergence.png").size[0] > 400
+    latex = dgm("report", "sweep", "--format", "latex", cwd=tmp_path).stdout
+    assert "95\\% CI" in latex and "behind" in latex
 
 
 @pytest.mark.slow

@@ -2,16 +2,13 @@
 effective sample size of the importance sampler read off the same draws, and the intervals and
 paired comparisons of `dgm report`."""
 
-import csv
 import json
 import math
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 from dgm_cli import loop, steps, uncertainty
 from tests.conftest import QUICK
@@ -99,39 +96,6 @@ def test_the_keys_of_every_purpose_differ_under_both_threefry_settings():
             assert len(set(data.values())) == len(data), (partitionable, data)
     finally:
         jax.config.update("jax_threefry_partitionable", before)
-
-
-@pytest.mark.slow
-def test_a_report_over_seeds_gives_intervals_and_paired_differences(tmp_path):
-    result = dgm("train", "-m", "dataset=digits", "optimizer.lr=1e-3,3e-3", "seed=0,1,2", *QUICK,
-                 "eval.num_samples=100", "hydra.sweep.dir=sweep", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    sweep = tmp_path / "sweep"
-    result = dgm("report", "sweep", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    rows = {row["config"]: row for row in csv.DictReader((sweep / "report.csv").open())}
-    summaries = {job: json.loads((sweep / str(job) / "summary.json").read_text()) for job in range(6)}
-    nll = {job: -np.load(sweep / str(job) / s["test_per_image"]).astype(np.float64) for job, s in summaries.items()}
-    # Jobs 0-2 are lr 1e-3 with seeds 0-2; jobs 3-5 lr 3e-3.
-    jobs = {"optimizer.lr=0.001": (0, 1, 2), "optimizer.lr=0.003": (3, 4, 5)}
-    means = {config: np.mean([summaries[job]["test_nll"] for job in members]) for config, members in jobs.items()}
-    best, other = sorted(means, key=means.get)
-    for config, row in rows.items():
-        values = [summaries[job]["test_nll"] for job in jobs[config]]
-        low, high = uncertainty.mean_interval(values)
-        assert row["n"] == "3" and float(row["test_nll_std"]) == pytest.approx(np.std(values, ddof=1))
-        assert (float(row["test_nll_ci_low"]), float(row["test_nll_ci_high"])) == pytest.approx((low, high))
-        assert row["compared_with"] == best
-    difference = np.mean([nll[j] for j in jobs[other]], 0) - np.mean([nll[j] for j in jobs[best]], 0)
-    assert float(rows[other]["paired_difference"]) == pytest.approx(difference.mean(), rel=1e-5)
-    assert float(rows[other]["paired_difference_stderr"]) == pytest.approx(uncertainty.standard_error(difference))
-    # Paired on the same images, the difference is known far better than either figure.
-    assert float(rows[other]["paired_difference_stderr"]) < float(rows[other]["test_nll_stderr"]) / 2
-    assert rows[best]["paired_difference"] == ""
-    assert f"behind {best}: +" in result.stdout and "95% CI" in result.stdout and "n = 3" in result.stdout
-    assert Image.open(sweep / "convergence.png").size[0] > 400
-    latex = dgm("report", "sweep", "--format", "latex", cwd=tmp_path).stdout
-    assert "95\\% CI" in latex and "behind" in latex
 
 
 @pytest.mark.slow
