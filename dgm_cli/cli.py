@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dgm_cli import settings
-from dgm_cli.errors import DgmError
+from dgm_cli.errors import DgmError, install_command
 
 log = logging.getLogger(__name__)
 CONFIGS = "pkg://dgm_cli.configs"
@@ -306,9 +306,16 @@ def _usage() -> str:
     return USAGE.format(commands=commands)
 
 
+# The config groups whose options come with a Hydra plugin, and the extra of dgm that installs it.
+PLUGINS = {"hydra/sweeper/optuna": "optuna", "hydra/launcher/submitit_local": "slurm",
+           "hydra/launcher/submitit_slurm": "slurm"}
+
+
 def one_line(error: Exception) -> str:
     if isinstance(error, MissingConfigException) and error.options is not None:
         group, _, name = (error.missing_cfg_file or "").rpartition("/")
+        if error.missing_cfg_file in PLUGINS:
+            return f"{group}={name} needs its Hydra plugin: {install_command(PLUGINS[error.missing_cfg_file])}"
         return f"unknown {group} {name!r}; choose from: {', '.join(error.options)}"
     text = str(error).split("Config search path:")[0]  # Hydra appends its search path
     if error.__cause__ is not None:

@@ -5,6 +5,7 @@ A `DgmError` reaches the user as one line on stderr and a non-zero exit, never a
 """
 
 import math
+from importlib.metadata import PackageNotFoundError, requires
 
 
 class DgmError(Exception):
@@ -59,3 +60,16 @@ def choice(value, options, name: str):
     if value not in options:
         raise DgmError(f"unknown {name} {value!r}; choose from: {', '.join(sorted(options))}")
     return options[value]
+
+
+def install_command(extra: str) -> str:
+    """`pip install -e ".[optuna]" (or pip install hydra-optuna-sweeper)`: the extra of dgm that
+    brings a plugin or client, with the packages that dgm's own metadata lists for it."""
+    try:
+        from packaging.requirements import Requirement
+
+        wanted = [Requirement(line) for line in requires("dgm") or ()]
+        names = [r.name for r in wanted if r.marker is not None and r.marker.evaluate({"extra": extra})]
+    except (PackageNotFoundError, ImportError):  # run from a source tree that pip never installed
+        names = []
+    return f'pip install -e ".[{extra}]"' + (f" (or pip install {' '.join(names)})" if names else "")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from dgm_cli.errors import DgmError, choice
+from dgm_cli.errors import DgmError, choice, install_command
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -39,7 +39,7 @@ def _needs(module: str, extra: str):
     try:
         return __import__(module)
     except ImportError:
-        raise DgmError(f"logger={extra} needs its client: pip install -e \".[{extra}]\" (or pip install {extra})") from None
+        raise DgmError(f"logger={extra} needs its client: {install_command(extra)}") from None
 
 
 class TensorBoard:

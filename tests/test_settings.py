@@ -1,5 +1,6 @@
 """No setting silently ignored: a key that the config lacks, misspelt with or without +, is
-refused in one line with the closest real ones, by every command and from Python."""
+refused in one line with the closest real ones, by every command and from Python; and Hydra's
+own errors (an override it cannot read, a plugin not installed) in dgm's voice."""
 
 import re
 
@@ -75,3 +76,38 @@ def test_the_python_api_refuses_a_misspelt_key(tmp_path, monkeypatch):
     with pytest.raises(DgmError, match=EPOCH):
         dgm_cli.train(["+trainer.epoch=1"])
     assert not (tmp_path / "outputs").exists()
+
+
+# Hydra's errors in dgm's voice.
+
+def test_a_list_the_shell_split_at_its_space_is_one_line_that_says_to_quote_it(tmp_path):
+    result = dgm("train", "model.hidden=[500,", "500]", cwd=tmp_path)  # what `model.hidden=[500, 500]` reaches
+    assert_one_line_error(result, "model.hidden=[500, 500] reached dgm as 2 words, split by the shell at its spaces: "
+                                  "quote it, 'model.hidden=[500, 500]', or write it without spaces, model.hidden=[500,500]")
+    assert "hydra.cc" not in result.stderr and "Lexer" not in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["model.hidden=[500"], "model.hidden=[500 has an unclosed bracket"),
+    (["dataset=digits", "500"], "500 is not an override (KEY=VALUE, GROUP=OPTION, +KEY=VALUE or ~KEY)"),
+    (["optimizer.lr=1e-3)"], "cannot read the override optimizer.lr=1e-3) ("),
+])
+def test_an_override_hydra_cannot_read_says_why_and_how_to_write_it(args, message):
+    with pytest.raises(DgmError, match=re.escape(message)):
+        settings.check(args)
+
+
+@pytest.mark.parametrize("option,extra,package", [
+    ("hydra/sweeper=optuna", "optuna", "hydra-optuna-sweeper"),
+    ("hydra/launcher=submitit_slurm", "slurm", "hydra-submitit-launcher"),
+])
+def test_a_plugin_that_is_not_installed_names_its_extra(monkeypatch, option, extra, package):
+    from hydra import compose, initialize_config_module
+    from hydra.core.config_store import ConfigStore
+
+    group, name = option.split("=")
+    with initialize_config_module("dgm_cli.configs", version_base="1.3"):  # Hydra finds the plugins
+        monkeypatch.delitem(ConfigStore.instance().repo["hydra"][group.split("/")[1]], f"{name}.yaml")
+        with pytest.raises(Exception) as raised:  # as if the plugin had never been installed
+            compose("train", overrides=[option], return_hydra_config=True)
+    assert cli.one_line(raised.value) == f'{option} needs its Hydra plugin: pip install -e ".[{extra}]" (or pip install {package})'
