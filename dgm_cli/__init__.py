@@ -2,7 +2,13 @@
 
 From Python: `dgm_cli.train([...overrides])` and `dgm_cli.load_run(RUN)` (see `dgm_cli.api`)."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 __all__ = ["load_run", "train", "Run", "TrainedModel"]
+try:
+    __version__ = version("dgm")
+except PackageNotFoundError:  # a source tree that pip never installed
+    __version__ = "unknown"
 
 
 def __getattr__(name: str):

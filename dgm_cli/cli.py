@@ -5,6 +5,7 @@ app unchanged: overrides, `-m`, `--cfg job`, `--help`, `--info`, `--config-path`
 The other commands work on run directories that `dgm train` made.
 """
 
+import importlib.metadata
 import logging
 import os
 import sys
@@ -145,6 +146,14 @@ def run_train_app(args: list[str]) -> None:
     _resumed_runs.clear()
     args = _train_arguments(args)
     settings.check(args)  # a key the config lacks, even with +, is refused here, not ignored
+    if "--version" in args:
+        print(version_line())
+        return
+    if "--help" in args or "-h" in args:
+        text = settings.describe(args)
+        if text is not None:  # else configs of the user's own: Hydra's help
+            print(text, end="")
+            return
     if "hydra/sweeper=optuna" in args and not any(arg.startswith("hydra.sweeper.max_failure_rate=") for arg in args):
         # Optuna's sweeper counts a job that returns no value as a failed trial, and by default
         # stops the search at the first: a search expects some (a learning rate that diverges).
@@ -200,9 +209,25 @@ def _absolute_config_path(args: list[str]) -> list[str]:
     return args
 
 
+RERUN_USAGE = """usage: dgm rerun RUN [overrides]
+
+Trains RUN's saved config (RUN/.hydra/config.yaml) again, in a new run directory: without
+overrides the run exactly (on the same machine and library versions, every metric the same),
+with KEY=VALUE overrides those settings changed. A config group (optimizer=sgd) replays the
+run's own overrides on the package's configs, provided they still compose its saved config.
+"""
+
+
+def _wants_help(args: list[str]) -> bool:
+    return "--help" in args or "-h" in args
+
+
 def rerun(args: list[str]) -> None:
+    if _wants_help(args):
+        print(RERUN_USAGE, end="")
+        return
     if not args or args[0].startswith("-"):
-        raise DgmError("usage: dgm rerun RUN [overrides]")
+        raise DgmError(RERUN_USAGE.splitlines()[0])
     from dgm_cli.runs import run_directory
 
     run, overrides = run_directory(args[0]), args[1:]
@@ -257,16 +282,26 @@ def sample(args: list[str]) -> None:
     runs.sample(args)
 
 
-REPORT_USAGE = "usage: dgm report DIR [--format markdown|latex] (DIR: a run directory, or a folder of them such as a sweep's)"
+REPORT_USAGE = """usage: dgm report DIR [--format markdown|latex] (DIR: a run directory, or a folder of them such as a sweep's)
+
+Tabulates the runs under DIR: one row per data set and configuration (the overrides that set it
+apart), the finished runs of several seeds aggregated with their spread, sorted by test NLL, each
+row against the best one measured on the same images. Prints the table and writes DIR/report.md
+(or report.tex), DIR/report.csv and DIR/curves.png, with convergence.png and gradients.png where
+the runs have a k-curve and gradient diagnostics.
+"""
 
 
 def report(args: list[str]) -> None:
+    if _wants_help(args):
+        print(REPORT_USAGE, end="")
+        return
     format = "markdown"
     if len(args) == 3 and args[1] == "--format" or len(args) == 2 and args[1].startswith("--format="):
         format = args[2] if len(args) == 3 else args[1].split("=", 1)[1]
         args = args[:1]
     if len(args) != 1 or args[0].startswith("-") or format not in ("markdown", "latex"):
-        raise DgmError(REPORT_USAGE)
+        raise DgmError(REPORT_USAGE.splitlines()[0])
     from dgm_cli.report import report as make_report
 
     text, written, unwritable = make_report(Path(args[0]), format)
@@ -298,7 +333,22 @@ examples:
   dgm train -m optimizer.lr=1e-3,3e-4 seed=0,1      # a sweep: one run directory per job
   dgm train resume=outputs/2026-11-24/09-30-00.117305-vae  # go on where a killed run stopped
   dgm report outputs/multirun/2026-11-24/10-00-00.512344
+
+`dgm COMMAND --help` says more about each; `dgm --version` the installed version.
 """
+
+
+def version_line() -> str:
+    """"dgm 0.1.0 (jax 0.10.2, flax 0.12.1, optax …, hydra-core 1.3.8)": what a run's figures depend on."""
+    import dgm_cli
+
+    versions = []
+    for package in ("jax", "flax", "optax", "orbax-checkpoint", "hydra-core"):
+        try:
+            versions.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return f"dgm {dgm_cli.__version__} ({', '.join(versions)})"
 
 
 def _usage() -> str:
@@ -333,6 +383,9 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage(), end="")
         sys.exit(0 if argv else 2)
+    if argv[0] in ("--version", "-V"):
+        print(version_line())
+        sys.exit(0)
     command, args = argv[0], argv[1:]
     if command not in COMMANDS:
         sys.exit(f"dgm: error: unknown command {command!r}; choose from: {', '.join(COMMANDS)}")

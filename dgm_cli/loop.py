@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+import dgm_cli
 from dgm_cli import data as data_lib
 from dgm_cli import metrics, models, optim, pictures, runtime, steps, trackers, uncertainty
 from dgm_cli.checkpoints import Checkpoints
@@ -353,6 +354,7 @@ def run(cfg, run_dir: Path) -> dict:
                 "wall_seconds": time.perf_counter() - started,
                 "startup_seconds": record.get("startup_seconds"),
                 "devices": device_names,
+                "dgm_version": dgm_cli.__version__,
             }
             if hasattr(model, "active_units"):  # of the tested parameters, on the validation set
                 summary["active_units"] = steps.active_units(model, state, devices.put(data.batches()["validation"]),

@@ -89,7 +89,7 @@ Draws n samples from the run's best model into RUN/samples/sample-nN-seedS.png.
 
 def evaluate(args: list[str]) -> None:
     """dgm eval RUN [eval.…=…] [seed=S] [headline=true]: the test figures again, kept in the run."""
-    if args[:1] in (["--help"], ["-h"]):
+    if "--help" in args or "-h" in args:
         print(EVAL_USAGE, end="")
         return
     if not args:
@@ -136,7 +136,7 @@ def _evaluation_of(summary: dict) -> dict:
 
 def sample(args: list[str]) -> None:
     """dgm sample RUN [n=64] [seed=S]: a PNG grid of samples from the run's best model."""
-    if args[:1] in (["--help"], ["-h"]):
+    if "--help" in args or "-h" in args:
         print(SAMPLE_USAGE, end="")
         return
     if not args:

@@ -238,3 +238,131 @@ def _held_by_other_options(key: str, config: dict) -> str:
     if not having or chosen is None:
         return ""
     return f" of {group}={chosen}; {' and '.join(f'{group}={name}' for name in having)} {'has' if len(having) == 1 else 'have'} it"
+
+
+def _sentence(lines: list[str]) -> str:
+    """Comment lines joined up to the first that ends a sentence (or a heading: "…:")."""
+    taken = []
+    for line in lines:
+        taken.append(line)
+        if line.endswith((".", ":", ")")):
+            break
+    return " ".join(taken)
+
+
+def header(text: str) -> str:
+    """A config file's description: its leading comment (Hydra's `# @package` line aside)."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        if not line.startswith("# @package"):
+            lines.append(line.lstrip("#").strip())
+    return _sentence([line for line in lines if line])
+
+
+def comments(text: str) -> dict[str, str]:
+    """{dotted key: its description} of a YAML config: the comment after the key's value, with
+    the comment lines below it that are indented under it, or else the comment block right above
+    the key. PyYAML's nodes say where each key and value end; comments are the rest of the line."""
+    lines = text.splitlines()
+    found = {}
+
+    def comment_at(line: int, column: int) -> str | None:
+        rest = lines[line][column:].strip()
+        return rest.lstrip("#").strip() if rest.startswith("#") else None
+
+    def walk(node, prefix: str) -> None:
+        for key, value in node.value:
+            path, column = prefix + str(key.value), key.start_mark.column
+            nested = isinstance(value, yaml.MappingNode) and not value.flow_style and value.value
+            end = key.end_mark if nested else value.end_mark
+            inline = comment_at(end.line, end.column + (1 if nested else 0))  # after the key's colon
+            if inline is not None:
+                below = end.line + 1
+                while below < len(lines) and lines[below].strip().startswith("#") and \
+                        lines[below].index("#") > column:
+                    inline += " " + lines[below].strip().lstrip("#").strip()
+                    below += 1
+                found[path] = inline
+            else:
+                above = key.start_mark.line - 1
+                block = []
+                while above >= 0 and lines[above].startswith(" " * column + "#") and not lines[above].startswith("# @package"):
+                    block.insert(0, lines[above].strip().lstrip("#").strip())
+                    above -= 1
+                if block and above >= 0:  # a block that is not the file's own header
+                    found[path] = _sentence(block)
+            if nested:
+                walk(value, path + ".")
+
+    root = yaml.compose(text)
+    if isinstance(root, yaml.MappingNode):
+        walk(root, "")
+    return found
+
+
+def _shown(value) -> str:
+    """A value as it is written in an override: [200,200], null, true."""
+    if isinstance(value, list):
+        return "[" + ",".join(_shown(item) for item in value) + "]"
+    return {None: "null", True: "true", False: "false"}.get(value, str(value)) if not isinstance(value, (int, float)) \
+        or isinstance(value, bool) else str(value)
+
+
+def _value(config, path: str):
+    for part in path.split("."):
+        config = config[part]
+    return config
+
+
+def describe(args: list[str]) -> str | None:
+    """`dgm train [GROUP=OPTION …] --help`: the config groups and their options, then every
+    setting of the chosen options with its value and the comment its config file gives it.
+    None for a command on configs of the user's own (Hydra's help covers those)."""
+    flags, overrides = split([arg for arg in args if arg not in ("--help", "-h")])
+    parsed = [o for o in parse(overrides) if is_group(o.key_or_group) or not o.is_sweep_override()]
+    if _flag(flags, "--config-dir", "-cd", "--config-path", "-cp") is not None:
+        return None
+    chosen = [o.input_line if not o.is_sweep_override() else _choices(o, False) and
+              f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in parsed]
+    with _configs(flags) as (config_name, _):
+        loader = GlobalHydra.instance().config_loader()
+        composed = compose(config_name, overrides=chosen, return_hydra_config=True)
+        defaults = [d for d in loader.compute_defaults_list(config_name, chosen, RunMode.RUN).defaults
+                    if d.config_path and not d.config_path.startswith("hydra")]
+        groups = {group: loader.get_group_options(group) for group in loader.list_groups("") if group != "hydra"}
+    config = OmegaConf.to_container(composed)
+    intro = composed.hydra.help.header
+    config.pop("hydra")
+    described, sections = {}, {}
+    for default in defaults:  # in the order they compose: a later file describes a key anew
+        text = (resources.files(CONFIGS) / f"{default.config_path}.yaml").read_text()
+        prefix = default.package + "." if default.package else ""
+        described.update({prefix + key: line for key, line in comments(text).items()})
+        group, _, option = default.config_path.rpartition("/")
+        if group:  # the last of a package's files is its option (trainer=em extends trainer/default)
+            sections[default.package or group] = (f"{group}={option}", header(text))
+    lines = [intro, "", "usage: dgm train [GROUP=OPTION ...] [KEY=VALUE ...]   (-m: a sweep, one run for each "
+             "combination of comma-separated values)", "", "Config groups (GROUP=OPTION):"]
+    lines += [f"{group}: {', '.join(options)}" for group, options in groups.items()]
+    settings_by_section: dict[str, list[str]] = {}
+    shown = set()
+    for path in paths(config):
+        section = path.split(".")[0] if path.split(".")[0] in sections else ""
+        settings_by_section.setdefault(section, []).append(path)
+    for section in [*sections, ""]:
+        title, about = sections.get(section, ("every run", header(
+            (resources.files(CONFIGS) / f"{config_name}.yaml").read_text())))
+        lines += ["", f"{title}: {about}".rstrip(": ")]
+        for path in settings_by_section.get(section, []):
+            parts = path.split(".")
+            for node in (".".join(parts[:end]) for end in range(1, len(parts))):
+                if node in described and node not in shown:  # a described node of settings, once
+                    lines.append(f"{'  ' + node + '.…':<36} {described[node]}")
+                    shown.add(node)
+            setting = f"  {path}={_shown(_value(config, path))}"
+            lines.append(f"{setting:<36} {described[path]}" if path in described else setting)
+    lines += ["", "Another option's settings: put it before --help, as in dgm train model=sbn --help (or "
+              "dataset=numpy --help).", "The composed config: dgm train --cfg job; Hydra's own flags: dgm train --hydra-help."]
+    return "\n".join(lines) + "\n"

@@ -1,8 +1,10 @@
 """The `dgm` command as a user types it, in a fresh process each time."""
 
+import importlib.metadata
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +33,33 @@ def test_help_lists_the_commands(tmp_path):
     assert result.returncode == 0 and "model: loglinear, sbn, vae, wakesleep" in result.stdout and "dataset: bars, binarized_mnist" in result.stdout
 
 
+def test_train_help_describes_each_option_of_the_chosen_groups_from_the_configs_comments(tmp_path):
+    from dgm_cli import settings
+
+    result = dgm("train", "model=sbn", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    configs = Path(settings.__file__).parent.parent / "configs"
+    for path, key, line in [("model/sbn.yaml", "estimator", "  model.estimator=nvil "),
+                            ("trainer/default.yaml", "patience", "  trainer.patience=0 "),
+                            ("train.yaml", "eval.num_samples", "  eval.num_samples=5000 ")]:
+        comment = settings.comments((configs / path).read_text())[key]  # one source: the config's own comment
+        assert any(text.startswith(line) and text.endswith(comment) for text in lines), (line, comment)
+    assert "model=sbn: Sigmoid belief net + recognition net" in result.stdout and "model.hidden" not in result.stdout
+    assert "dgm train model=sbn --help" in result.stdout  # how to see another family's
+
+
+@pytest.mark.parametrize("command", ["train", "rerun", "eval", "sample", "report"])
+def test_every_command_has_help_that_exits_zero(tmp_path, command):
+    result = dgm(command, "--help", cwd=tmp_path)
+    assert result.returncode == 0 and result.stderr == "" and result.stdout.startswith(("usage: dgm", "dgm train:"))
+
+
+def test_dgm_version_is_the_installed_version(tmp_path):
+    result = dgm("--version", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith(f"dgm {importlib.metadata.version('dgm')} (jax ")
+
+
 def test_hydra_flags_pass_through(tmp_path):
     result = dgm("train", "--cfg", "job", "model.latent_dim=7", cwd=tmp_path)
     assert result.returncode == 0 and "latent_dim: 7" in result.stdout
@@ -48,6 +77,7 @@ def test_train_on_digits_writes_a_run_under_outputs(tmp_path):
     [run_dir] = list((tmp_path / "outputs").glob("*/*-vae"))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["dataset"] == "digits" and summary["test_nll_samples"] == 20
+    assert summary["dgm_version"] == importlib.metadata.version("dgm")
     for path in (".hydra/config.yaml", ".hydra/overrides.yaml", "metrics.jsonl", "train.log",
                  "samples/samples.png", "samples/reconstructions.png"):
         assert (run_dir / path).is_file(), path

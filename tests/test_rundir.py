@@ -171,12 +171,6 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     assert reader.stderr.read() == ""
 
 
-@pytest.mark.parametrize("command", ["eval", "sample"])
-def test_eval_and_sample_have_help(tmp_path, command):
-    result = dgm(command, "--help", cwd=tmp_path)
-    assert result.returncode == 0 and result.stdout.startswith(f"usage: dgm {command} RUN")
-
-
 @pytest.mark.slow
 def test_a_rerun_can_choose_another_config_group(finished_run, tmp_path):
     result = dgm("rerun", str(finished_run), "optimizer=sgd", "hydra.run.dir=sgd", cwd=tmp_path)
