@@ -5,9 +5,12 @@ app unchanged: overrides, `-m`, `--cfg job`, `--help`, `--info`, `--config-path`
 The other commands work on run directories that `dgm train` made.
 """
 
+import contextlib
 import importlib.metadata
 import logging
 import os
+import shlex
+import signal
 import sys
 import traceback
 from importlib import resources
@@ -32,6 +35,11 @@ trained_runs: list[Path] = []  # the run directory of every job that trained, re
 # it is only a hydra.run.dir, as in a command aimed at the run, and only one that asked to resume
 # may take the run on to more epochs.
 _resumed_runs: list[Path] = []
+# The run a job is training, and the sweep directory when the same command goes on with the
+# sweep, for the line that an interrupted `dgm train` ends with; the sweeps that ended.
+_in_progress: list[tuple[Path, Path | None]] = []
+_command: list[str] = []  # the arguments of `dgm train`, for that line
+_ended_sweeps: list[Path] = []
 
 
 @hydra.main(config_path=CONFIGS, config_name="train", version_base="1.3")
@@ -61,7 +69,13 @@ def _train_job(cfg) -> dict | None:
             if finished:
                 print(f"dgm: {run_dir} has finished already; nothing to do")
                 return finished
-            return _train_or_record_failure(loop, cfg, run_dir, sweeping)
+            # Hydra's basic sweeper numbers the jobs alike every time: the same command with
+            # its sweep directory finds the finished jobs finished and resumes this one.
+            goes_on = sweeping and hydra_cfg.sweeper._target_.endswith(".BasicSweeper")
+            _in_progress[:] = [(run_dir, Path(hydra_cfg.sweep.dir) if goes_on else None)]
+            summary = _train_or_record_failure(loop, cfg, run_dir, sweeping)
+            _in_progress.clear()
+            return summary
     except rundir.RunRefused as error:  # the run stays exactly as it was: no FAILED, nothing logged
         if not sweeping:
             raise SystemExit(f"dgm: error: {error}") from None
@@ -124,6 +138,7 @@ class FailedJobs(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         failed = [f"{marker.parent}: {marker.read_text().splitlines()[0]}"
                   for marker in sorted(Path(config.hydra.sweep.dir).glob("*/FAILED"))]
+        _ended_sweeps.append(Path(config.hydra.sweep.dir))
         if "optuna" in str(config.hydra.sweeper.get("_target_", "")):
             # A search expects some trials to fail (a learning rate too high diverges): Optuna
             # has counted them as failed trials, and the search has its answer.
@@ -134,7 +149,12 @@ class FailedJobs(Callback):
 
 
 def train(args: list[str]) -> None:
+    _command[:] = args
     run_train_app(args)
+    for sweep in _ended_sweeps:
+        jobs = len({path.parent for path in sweep.glob("*/.hydra")})
+        print(f"dgm: the sweep's {jobs} run directories are in {sweep}; tabulate them with: "
+              f"dgm report {shlex.quote(str(sweep))}")
     if _failed_jobs:
         raise DgmError(f"{len(_failed_jobs)} job(s) of the sweep failed, the others ran: " + "; ".join(_failed_jobs))
 
@@ -144,6 +164,8 @@ def run_train_app(args: list[str]) -> None:
     _failed_jobs.clear()
     trained_runs.clear()
     _resumed_runs.clear()
+    _in_progress.clear()
+    _ended_sweeps.clear()
     args = _train_arguments(args)
     settings.check(args)  # a key the config lacks, even with +, is refused here, not ignored
     if "--version" in args:
@@ -270,16 +292,35 @@ def _from_saved_config(run: Path) -> list[str]:
             *(f"++hydra.job_logging.formatters.simple.{key}='{value}'" for key, value in formatter.items())]
 
 
+@contextlib.contextmanager
+def _logging_to_terminal():
+    """For the commands that are no Hydra app (dgm eval, dgm sample): their log on stderr in
+    train.log's format, so that a test pass reports its progress as a training's does."""
+    formatter = _train_yaml_hydra()["job_logging"]["formatters"]["simple"]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(formatter["format"], formatter["datefmt"]))
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
 def evaluate(args: list[str]) -> None:
     from dgm_cli import runs
 
-    runs.evaluate(args)
+    with _logging_to_terminal():
+        runs.evaluate(args)
 
 
 def sample(args: list[str]) -> None:
     from dgm_cli import runs
 
-    runs.sample(args)
+    with _logging_to_terminal():
+        runs.sample(args)
 
 
 REPORT_USAGE = """usage: dgm report DIR [--format markdown|latex] (DIR: a run directory, or a folder of them such as a sweep's)
@@ -378,6 +419,33 @@ def one_line(error: Exception) -> str:
     return "; ".join(lines) or type(error).__name__
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler ending a job), raised wherever the process is, so that it
+    ends as Ctrl-C does: the checkpoints written, the tracker closed, where to go on said."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _interrupted(command: str, interrupt: KeyboardInterrupt) -> str:
+    """What an interrupted command leaves: the run, its checkpoints, the command that goes on."""
+    how = "terminated" if isinstance(interrupt, Terminated) else "interrupted"
+    if command not in ("train", "rerun"):
+        return f"{how}; nothing of this dgm {command} was kept, and the runs are as they were"
+    if not _in_progress:
+        return f"{how} before any run began to train"
+    run, sweep = _in_progress[-1]
+    epochs = [int(path.name) for path in (run / "checkpoints").glob("*") if path.name.isdigit()]
+    kept = f"keeps its checkpoint of epoch {max(epochs)}" if epochs else "had finished no epoch"
+    line = f"{how}; {run} {kept}; go on with: dgm train resume={shlex.quote(str(run))}"
+    if sweep is not None:
+        others = [arg for arg in _command if not arg.startswith("hydra.sweep.dir=")]
+        line += (f"; the whole sweep goes on with: dgm train {' '.join(map(shlex.quote, others))} "
+                 f"{shlex.quote(f'hydra.sweep.dir={sweep}')}")
+    return line
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -393,6 +461,7 @@ def main(argv: list[str] | None = None) -> None:
     # Hydra prints its own multi-line report of a bad config unless asked to raise; we raise and
     # turn it into one line, keeping the full traceback for those who set HYDRA_FULL_ERROR=1.
     wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    signal.signal(signal.SIGTERM, _terminate)
     logging.raiseExceptions = False  # a closed pipe (`| head`) must not make every log line a traceback
     _quiet_libraries()
     os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -402,9 +471,11 @@ def main(argv: list[str] | None = None) -> None:
         if wants_traceback:
             raise
         sys.exit(f"dgm: error: {one_line(error)}")
-    except KeyboardInterrupt:
-        print("dgm: interrupted; the checkpoints written so far are kept", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or `kill` (SIGTERM: Terminated)
+        line = f"dgm: {_interrupted(command, interrupt)}"
+        _log_to_files(line)
+        print(line, file=sys.stderr)
+        sys.exit(143 if isinstance(interrupt, Terminated) else 130)
     except BrokenPipeError:  # `dgm … | head` has read all it wants: stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         sys.exit(141)

@@ -325,8 +325,9 @@ def run(cfg, run_dir: Path) -> dict:
         state, history = _resume(checkpoints, record, like=state) or (state, History())
         state = devices.put(state)
         # Compiled ahead, so that no epoch's time includes compiling.
-        train_epoch = steps.make_train_epoch(model, settings.batch_size, devices, data.dynamic).lower(
-            state, splits["train"], keys.train).compile()
+        with steps.compiling("the training epoch"):
+            train_epoch = steps.make_train_epoch(model, settings.batch_size, devices, data.dynamic).lower(
+                state, splits["train"], keys.train).compile()
         record["startup_seconds"] = time.time() - started_at
         with trackers.tracking(cfg, run_dir, history.epoch * steps_per_epoch, primary) as tracker:
             with MetricsLog(run_dir, history.epoch, primary, tracker) as metrics_log, logging_redirect_tqdm():

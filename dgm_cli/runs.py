@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jax
 from omegaconf import OmegaConf
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dgm_cli import data as data_lib
 from dgm_cli import loop, metrics, pictures, rundir, runtime, settings
@@ -108,8 +109,9 @@ def evaluate(args: list[str]) -> None:
             raise DgmError(f"the data of {cfg.dataset.name} changed since {run} was trained on them; its test "
                            "figures are of the data it was trained with, so dgm eval measures on those only")
         devices = runtime.Devices(data_parallel=False)
-        test, evaluation, per_image = loop.test_evaluation(model, state, data.batches()["test"], options["seed"],
-                                                           best_epoch, settings, devices, "dgm eval")
+        with logging_redirect_tqdm():  # the log lines above the progress bar, as in a training
+            test, evaluation, per_image = loop.test_evaluation(model, state, data.batches()["test"], options["seed"],
+                                                               best_epoch, settings, devices, "dgm eval")
         print(f"{run}: epoch {best_epoch}, test NLL {loop.describe_test(test, evaluation['num_samples'])} "
               f"(seed {options['seed']}), test neg-ELBO {test['neg_elbo']:.4f}")
         if not test["converged"]:

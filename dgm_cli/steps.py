@@ -6,9 +6,11 @@ permutes the examples on the device and scans over the batches, so nothing retur
 between steps.
 """
 
+import contextlib
 import functools
 import logging
 import math
+import threading
 import time
 
 import jax
@@ -191,6 +193,24 @@ def make_log_likelihood(model, num_samples: int, sample_batch: int):
 
 CALLS = 20  # jitted calls of the test pass: few, yet enough to report progress between them
 LOG_EVERY_SECONDS = 30.0
+COMPILE_NOTICE_SECONDS = 1.0  # longer than loading a program from JAX's cache takes
+
+
+@contextlib.contextmanager
+def compiling(what: str):
+    """Say that `what` is being compiled once it has taken longer than a cache hit would, so
+    that a first run's silent minute is explained (JAX does not say whether its cache holds a
+    program before it looks)."""
+    cache = jax.config.jax_compilation_cache_dir
+    where = (f"once: JAX's cache in {cache} keeps it, and later runs of these shapes start in seconds" if cache
+             else "cache_dir=null, so every run compiles its programs afresh")
+    notice = threading.Timer(COMPILE_NOTICE_SECONDS, log.info, [f"compiling {what} for these shapes ({where})"])
+    notice.daemon = True
+    notice.start()
+    try:
+        yield
+    finally:
+        notice.cancel()
 
 
 @functools.lru_cache(maxsize=8)  # compiled once for a model, however often it is evaluated
@@ -223,7 +243,8 @@ def log_likelihoods(model, state, x: np.ndarray, key, num_samples: int, sample_b
     keys = jnp.concatenate([keys, keys[: calls * per_call - batches]]).reshape(calls, per_call)
 
     results, started, logged = [], time.perf_counter(), time.perf_counter()
-    running = some_batches(state, devices.put(x[0]), keys[0])
+    with compiling("the test pass"):  # the first call compiles (or loads) the program
+        running = some_batches(state, devices.put(x[0]), keys[0])
     for call in tqdm(range(calls), desc="test log-likelihood", leave=False, disable=None if progress else True):
         # The next call is queued before this one is waited for, so that the device never idles.
         queued = some_batches(state, devices.put(x[call + 1]), keys[call + 1]) if call + 1 < calls else None

@@ -98,6 +98,8 @@ def test_multirun_writes_one_directory_per_job(tmp_path):
     assert result.returncode == 0, result.stderr
     summaries = [json.loads((tmp_path / "sweep" / job / "summary.json").read_text()) for job in ("0", "1")]
     assert summaries[0]["test_nll"] != summaries[1]["test_nll"]
+    # It ends saying where the runs are and how to tabulate them.
+    assert result.stdout.splitlines()[-1] == "dgm: the sweep's 2 run directories are in sweep; tabulate them with: dgm report sweep"
 
 
 @pytest.mark.slow

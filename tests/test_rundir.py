@@ -4,6 +4,7 @@ around them."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -126,12 +127,52 @@ def test_the_report_marks_exact_figures(tmp_path):
 
 def test_the_test_pass_logs_its_progress_and_the_devices(make_config, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(steps, "LOG_EVERY_SECONDS", 0.0)
+    monkeypatch.setattr(steps, "COMPILE_NOTICE_SECONDS", 0.0)  # as if every program took long to compile
     with caplog.at_level("INFO"):
         summary = loop.run(make_config("dataset=digits", *QUICK, "eval.num_samples=200", "eval.sample_batch=1000"),
                             tmp_path)
     assert "computing on 1 device(s): cpu" in caplog.text and summary["devices"] == ["cpu"]
     progress = [line for line in caplog.text.splitlines() if "test log-likelihood:" in line]
     assert len(progress) >= 5 and "left" in progress[-1]  # 60 batches of 5 examples in 20 calls
+    assert "compiling the training epoch for these shapes (" in caplog.text
+
+
+def test_eval_logs_its_test_pass_as_a_training_does(run_copy, monkeypatch, capsys):
+    monkeypatch.setattr(steps, "LOG_EVERY_SECONDS", 0.0)
+    monkeypatch.setattr(steps, "COMPILE_NOTICE_SECONDS", 0.0)
+    cli.evaluate([str(run_copy), "eval.num_samples=200", "eval.sample_batch=1000"])
+    out, err = capsys.readouterr()
+    assert re.search(r"^\[\d\d:\d\d:\d\d\] testing epoch \d+ with 200 importance samples per example$", err, re.M)
+    assert "compiling the test pass for these shapes (" in err
+    progress = [line for line in err.splitlines() if "test log-likelihood:" in line]
+    assert len(progress) >= 5 and re.search(r"\d+% after \d+ s, about \d+ s left$", progress[-1])
+    assert f"kept in {run_copy / 'evaluations.jsonl'}" in out  # the figure and where it went, on stdout
+
+
+@pytest.mark.slow
+def test_a_terminated_run_names_its_directory_and_the_resume_command(tmp_path):
+    run = tmp_path / "run"
+    process = subprocess.Popen(["dgm", "train", "dataset=digits", "trainer.epochs=100000", "trainer.progress=false",
+                                "hydra.run.dir=run"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    while process.poll() is None and not ((run / "metrics.jsonl").is_file() and
+                                          (run / "metrics.jsonl").read_text().count('"validation"') >= 2):
+        time.sleep(0.05)
+    process.terminate()  # SIGTERM, as `kill` and Slurm's time limit send it
+    assert process.wait(timeout=120) == 143
+    [line] = process.stderr.read().splitlines()
+    assert re.fullmatch(rf"dgm: terminated; {run} keeps its checkpoint of epoch \d+; go on with: "
+                        rf"dgm train resume={run}", line), line
+    assert (run / "train.log").read_text().splitlines()[-1].endswith(line)
+
+
+def test_an_interrupted_sweep_says_how_the_same_command_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "_in_progress", [(tmp_path / "sweep" / "3", tmp_path / "sweep")])
+    monkeypatch.setattr(cli, "_command", ["-m", "seed=0,1,2,3", "model.hidden=[200, 200]"])
+    assert cli._interrupted("train", KeyboardInterrupt()) == (
+        f"interrupted; {tmp_path}/sweep/3 had finished no epoch; go on with: dgm train resume={tmp_path}/sweep/3; "
+        f"the whole sweep goes on with: dgm train -m seed=0,1,2,3 'model.hidden=[200, 200]' hydra.sweep.dir={tmp_path}/sweep")
+    assert cli._interrupted("eval", cli.Terminated()) == "terminated; nothing of this dgm eval was kept, and the runs are as they were"
 
 
 def test_the_data_a_killed_run_goes_on_with_must_be_its_own(make_config, tmp_path):
