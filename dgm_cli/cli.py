@@ -40,6 +40,13 @@ _resumed_runs: list[Path] = []
 _in_progress: list[tuple[Path, Path | None]] = []
 _command: list[str] = []  # the arguments of `dgm train`, for that line
 _ended_sweeps: list[Path] = []
+# For `dgm rerun RUN`: RUN's own overrides, which the new run's overrides.yaml records before its
+# own, so that it says what it ran with (its config came from RUN's, not from the defaults).
+_replayed: list[str] = []
+
+
+class _Rejected(Exception):
+    """A new run refused before its first epoch: a bad setting or data, said in one line."""
 
 
 @hydra.main(config_path=CONFIGS, config_name="train", version_base="1.3")
@@ -63,8 +70,10 @@ def _train_job(cfg) -> dict | None:
     if not _writes_the_run(cfg):  # another host's process of a multi-host run: process 0 writes
         _stop_logging_to_files()
         return loop.run(cfg, run_dir)
+    new = not (run_dir / rundir.SAVED_CONFIG).is_file()
+    recorded = _merged(_replayed, hydra_cfg.overrides.task) if _replayed else None
     try:
-        with rundir.claim_for_training(run_dir, cfg, hydra_cfg, _is_resumed(run_dir)) as finished:
+        with rundir.claim_for_training(run_dir, cfg, hydra_cfg, _is_resumed(run_dir), recorded) as finished:
             trained_runs.append(run_dir)
             if finished:
                 print(f"dgm: {run_dir} has finished already; nothing to do")
@@ -73,9 +82,12 @@ def _train_job(cfg) -> dict | None:
             # its sweep directory finds the finished jobs finished and resumes this one.
             goes_on = sweeping and hydra_cfg.sweeper._target_.endswith(".BasicSweeper")
             _in_progress[:] = [(run_dir, Path(hydra_cfg.sweep.dir) if goes_on else None)]
-            summary = _train_or_record_failure(loop, cfg, run_dir, sweeping)
+            summary = _train_or_record_failure(loop, cfg, run_dir, sweeping, new)
             _in_progress.clear()
             return summary
+    except _Rejected as rejected:  # its lock released: what dgm made of the run goes
+        rundir.remove_unstarted(run_dir)
+        raise SystemExit(f"dgm: error: {rejected}") from None
     except rundir.RunRefused as error:  # the run stays exactly as it was: no FAILED, nothing logged
         if not sweeping:
             raise SystemExit(f"dgm: error: {error}") from None
@@ -88,13 +100,24 @@ def _is_resumed(run_dir: Path) -> bool:
     return any(run_dir.resolve() == run.resolve() for run in _resumed_runs)
 
 
-def _train_or_record_failure(loop, cfg, run_dir: Path, sweeping: bool):
+def _merged(earlier: list[str], later: list[str]) -> list[str]:
+    """The overrides `earlier` then `later`, less those of `earlier` whose key `later` sets again."""
+    keys = {override.lstrip("+~").split("=", 1)[0] for override in later}
+    return [o for o in earlier if o.lstrip("+~").split("=", 1)[0] not in keys] + list(later)
+
+
+def _train_or_record_failure(loop, cfg, run_dir: Path, sweeping: bool, new: bool):
+    """The loop's summary; a failure is kept in FAILED, except that a new run (`new`) of a
+    single command refused before its first epoch leaves no run directory: the terminal has
+    the line, and `dgm report` no row of a run that never trained. A sweep keeps each job."""
     (run_dir / "FAILED").unlink(missing_ok=True)  # a failure this run may now make good
     try:
         return loop.run(cfg, run_dir)
     except Exception as error:
         message = one_line(error)
         expected = isinstance(error, (DgmError, OmegaConfBaseException))  # the latter: a bad ${...}
+        if expected and new and not sweeping and not (run_dir / "metrics.jsonl").exists():
+            raise _Rejected(message) from None  # metrics.jsonl: the first epoch had begun
         # The reason on the first line; below it, for a fault of dgm or a library, where it arose.
         (run_dir / "FAILED").write_text(message + "\n" + ("" if expected else traceback.format_exc()))
         if sweeping:  # record it and let the sweep go on
@@ -148,9 +171,10 @@ class FailedJobs(Callback):
         _failed_jobs.extend(failed)
 
 
-def train(args: list[str]) -> None:
+def train(args: list[str], replayed: list[str] = ()) -> None:
+    """`dgm train ARGS`; `replayed`: for dgm rerun, the overrides of the run whose saved config it trains."""
     _command[:] = args
-    run_train_app(args)
+    run_train_app(args, replayed)
     for sweep in _ended_sweeps:
         jobs = len({path.parent for path in sweep.glob("*/.hydra")})
         print(f"dgm: the sweep's {jobs} run directories are in {sweep}; tabulate them with: "
@@ -159,8 +183,9 @@ def train(args: list[str]) -> None:
         raise DgmError(f"{len(_failed_jobs)} job(s) of the sweep failed, the others ran: " + "; ".join(_failed_jobs))
 
 
-def run_train_app(args: list[str]) -> None:
+def run_train_app(args: list[str], replayed: list[str] = ()) -> None:
     """The `train` Hydra app on `args`, as the command line gives them."""
+    _replayed[:] = replayed
     _failed_jobs.clear()
     trained_runs.clear()
     _resumed_runs.clear()
@@ -255,8 +280,9 @@ def rerun(args: list[str]) -> None:
     run, overrides = run_directory(args[0]), args[1:]
     new_run_dir = f"hydra.run.dir={_default_run_dir()}"  # the saved config has no hydra node
     groups = [override for override in overrides if settings.is_group(override.lstrip("+~").split("=", 1)[0])]
+    saved_overrides = list(OmegaConf.load(run / ".hydra" / "overrides.yaml"))
     if not groups:  # the saved config itself: the run exactly, whatever the package's configs say today
-        train([*_from_saved_config(run), new_run_dir, *overrides])
+        train([*_from_saved_config(run), new_run_dir, *overrides], replayed=saved_overrides)
         return
     # A config group is chosen in a defaults list, which only the package's configs have: replay
     # the run's own overrides on them, provided that they still compose the run's saved config.
@@ -264,7 +290,6 @@ def rerun(args: list[str]) -> None:
 
     from dgm_cli import rundir
 
-    saved_overrides = list(OmegaConf.load(run / ".hydra" / "overrides.yaml"))
     with initialize_config_module("dgm_cli.configs", version_base="1.3"):
         composed = compose("train", overrides=saved_overrides)
     changed = rundir.differences(rundir.training_config(rundir.saved_config(run)), rundir.training_config(composed))

@@ -3,7 +3,8 @@
 Each row is a data set and a configuration: the overrides that set its runs apart from the
 others (those that every run shares are listed once, above the table), less the seed; finished
 runs that differ only in their seed are aggregated as their mean, std, count and the Student t
-interval of the mean (failed and unfinished ones are counted, never averaged). Each figure
+interval of the mean, one figure per seed (failed and unfinished ones are counted, never
+averaged; a rerun of a seed is no new draw). Each figure
 carries its standard error over the test images, and says where its importance sampler has not
 converged. Rows tested on the same images with the same yardstick (the same sample count, or
 exact) are compared with the best of them: the paired per-image difference with its standard
@@ -47,6 +48,7 @@ class Run:
     dataset: str = "?"
     metric: str = "validation loss"  # what the curve's values are, in words
     k_curve: dict[int, float] = field(default_factory=dict)  # k -> test NLL from the first k samples
+    seed: object = None  # the run's seed: runs of one seed are one draw, however often rerun
 
     @property
     def per_image_nll(self) -> np.ndarray | None:
@@ -59,9 +61,10 @@ class Run:
         return "finished" if self.summary else "failed" if self.failure else "unfinished"
 
     def config(self, shared: set[str]) -> str:
-        """The overrides that tell this run's configuration apart, the seed left out."""
-        own = (o for o in self.overrides if o not in shared and not o.startswith(("seed=", "hydra.")))
-        return " ".join(sorted(own)) or "(defaults)"
+        """The overrides that tell this run's configuration apart, the seed left out: "(defaults)"
+        if it has none, "(the shared overrides)" if it has none but those every run shares."""
+        own = sorted(o for o in self.overrides if not o.startswith(("seed=", "hydra.")))
+        return " ".join(o for o in own if o not in shared) or ("(the shared overrides)" if own else "(defaults)")
 
 
 def load_run(path: Path) -> Run:
@@ -77,7 +80,8 @@ def load_run(path: Path) -> Run:
                      and e.get("per_image")), {})
     return Run(path, overrides, summary, failure, curve, gradients, dataset=(config.get("dataset") or {}).get("name", "?"),
                metric=validation_metric(config.get("model") or {}),
-               k_curve={int(k): value for k, value in headline.get("nll_by_samples", {}).items()})
+               k_curve={int(k): value for k, value in headline.get("nll_by_samples", {}).items()},
+               seed=config.get("seed"))
 
 
 def validation_metric(model: dict) -> str:
@@ -125,7 +129,10 @@ def _aggregate(dataset: str, config: str, members: list[Run]) -> tuple[dict, np.
     (None unless every finished run kept it, on the same test images)."""
     finished = [run for run in members if run.summary]
     summaries = [run.summary for run in finished]
-    nlls = [s["test_nll"] for s in summaries]
+    by_seed: dict = {}
+    for run in finished:  # a rerun of a seed repeats its draw: one figure per seed, not per run
+        by_seed.setdefault(run.seed, []).append(run.summary["test_nll"])
+    nlls = [statistics.fmean(values) for values in by_seed.values()]
     interval = uncertainty.mean_interval(nlls)
     per_image = [run.per_image_nll for run in finished]
     same_images = len({s.get("test_images") for s in summaries}) == 1 and None not in {s.get("test_images") for s in summaries}
@@ -137,7 +144,7 @@ def _aggregate(dataset: str, config: str, members: list[Run]) -> tuple[dict, np.
         "dataset": dataset,
         "config": config,
         "runs": len(members),
-        "n": len(finished),
+        "n": len(nlls),  # of seeds
         "test_nll": _mean(nlls),
         "test_nll_stderr": stderr,
         "test_nll_std": statistics.stdev(nlls) if len(nlls) > 1 else None,

@@ -176,9 +176,10 @@ def _extend(run_dir: Path, cfg) -> None:
     (run_dir / "summary.json").unlink(missing_ok=True)
 
 
-def save_hydra_files(run_dir: Path, cfg, hydra_cfg) -> None:
+def save_hydra_files(run_dir: Path, cfg, hydra_cfg, overrides: list[str] | None = None) -> None:
     """Write `.hydra/` (config.yaml, hydra.yaml, overrides.yaml) as Hydra would, all at once:
-    they appear together under their final name or not at all."""
+    they appear together under their final name or not at all. `overrides`: what overrides.yaml
+    records, if not the job's own (a rerun's: the run's overrides, then its own)."""
     final = run_dir / ".hydra"
     if final.exists():
         return
@@ -189,7 +190,8 @@ def save_hydra_files(run_dir: Path, cfg, hydra_cfg) -> None:
     hydra_node.hydra.output_subdir = ".hydra"  # where its files are, though dgm wrote them
     (staging / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     (staging / "hydra.yaml").write_text(OmegaConf.to_yaml(hydra_node))
-    (staging / "overrides.yaml").write_text(OmegaConf.to_yaml(hydra_cfg.overrides.task))
+    (staging / "overrides.yaml").write_text(OmegaConf.to_yaml(hydra_cfg.overrides.task if overrides is None
+                                                              else list(overrides)))
     os.rename(staging, final)
 
 
@@ -200,13 +202,27 @@ def summary(run_dir: Path) -> dict | None:
 
 
 @contextlib.contextmanager
-def claim_for_training(run_dir: Path, cfg, hydra_cfg, resumed: bool = False):
-    """Lock the run, check that `cfg` is the run's own config (a new run: save it), and yield
-    the run's summary if it has finished already, else None. `resumed`: the command named the
-    run with `resume=RUN`, and so may take it on to more epochs."""
+def claim_for_training(run_dir: Path, cfg, hydra_cfg, resumed: bool = False, overrides: list[str] | None = None):
+    """Lock the run, check that `cfg` is the run's own config (a new run: save it, with
+    `overrides` as its overrides.yaml if given), and yield the run's summary if it has finished
+    already, else None. `resumed`: the command named the run with `resume=RUN`, and so may take
+    it on to more epochs."""
     command = " ".join(["dgm train", *hydra_cfg.overrides.task])
     with exclusive(run_dir, command if len(command) < 200 else command[:197] + "..."):
         if check_matches(run_dir, cfg, resumed):
             _extend(run_dir, cfg)
-        save_hydra_files(run_dir, cfg, hydra_cfg)
+        save_hydra_files(run_dir, cfg, hydra_cfg, overrides)
         yield summary(run_dir)
+
+
+def remove_unstarted(run_dir: Path) -> None:
+    """Remove what dgm and Hydra made of a new run that never began to train (its saved config,
+    lock, log and empty checkpoint folder), then the directory, unless it holds anything else."""
+    for name in (".hydra", "checkpoints", LOCK, "train.log", "FAILED"):
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: files of the user's own stay, and so does it
+        run_dir.rmdir()

@@ -88,11 +88,11 @@ def test_sweeps_return_every_run_and_bad_input_raises_one_line(tmp_path):
                 print(name, "-> no error")
             except DgmError as error:
                 print(name, "->", error)
-        print("failure", dgm_cli.load_run("bad").failure)
+        print("refused, kept", __import__("os").path.exists("bad"))  # refused before its first epoch: no run
     """, tmp_path)
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(" -> ") if " -> " in line else line.split(" ", 1) for line in result.stdout.splitlines()
-                 if line.startswith(("sweep ", "failure ")) or " -> " in line)
+                 if line.startswith(("sweep ", "refused, kept ")) or " -> " in line)
     assert lines["sweep"] == "['0', '1'] [True, True]"
     assert lines["unknown model"] == "unknown model 'nope'; choose from: loglinear, sbn, vae, wakesleep"
     assert lines["bad value"].startswith("model.latent_dim must be a positive integer")
@@ -101,4 +101,4 @@ def test_sweeps_return_every_run_and_bad_input_raises_one_line(tmp_path):
     assert lines["wrong shape"].startswith("expected images of 64 pixels, [N, 64] or [N, 8, 8]; got an array of shape (3, 10)")
     assert lines["not binary"] == "the models are of binary images: every pixel must be 0 or 1"
     assert lines["bad split"] == "unknown split 'dev'; choose from: train, validation, test"
-    assert lines["failure"].startswith("model.latent_dim must be a positive integer")
+    assert lines["refused,"] == "kept False"

@@ -11,8 +11,9 @@ import time
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
-from dgm_cli import cli, rundir, steps, loop
+from dgm_cli import cli, loop, report, rundir, steps
 from dgm_cli.errors import DgmError
 from tests.conftest import QUICK
 from tests.test_cli import assert_one_line_error, dgm
@@ -189,10 +190,20 @@ def test_the_data_a_killed_run_goes_on_with_must_be_its_own(make_config, tmp_pat
 
 
 @pytest.mark.slow
-def test_a_failed_runs_log_has_the_error_line(tmp_path):
+def test_a_run_refused_before_its_first_epoch_leaves_nothing_and_a_failed_one_its_reason(tmp_path):
     result = dgm("train", "dataset=digits", "model.latent_dim=0", "hydra.run.dir=run", cwd=tmp_path)
     assert_one_line_error(result, "model.latent_dim must be a positive integer")
-    assert "dgm: error: model.latent_dim must be a positive integer" in (tmp_path / "run" / "train.log").read_text()
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")  # a folder of the user's own keeps what it had
+    assert_one_line_error(dgm("train", "dataset=digits", "trainer.batch_size=0", "hydra.run.dir=mine", cwd=tmp_path))
+    assert sorted(path.name for path in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    # A run that began to train keeps its reason, in FAILED and in train.log.
+    result = dgm("train", "dataset=digits", "optimizer.lr=1e30", "trainer.progress=false", "hydra.run.dir=run",
+                 cwd=tmp_path)
+    assert_one_line_error(result, "training diverged")
+    assert (tmp_path / "run" / "FAILED").read_text().strip() in result.stderr
+    assert "dgm: error: training diverged" in (tmp_path / "run" / "train.log").read_text()
 
 
 @pytest.mark.slow
@@ -218,10 +229,30 @@ def test_a_rerun_can_choose_another_config_group(finished_run, tmp_path):
     assert result.returncode == 0, result.stderr
     config = (tmp_path / "sgd" / ".hydra" / "config.yaml").read_text()
     assert "name: sgd" in config and "num_samples: 20" in config  # the run's own overrides, and the new group
-    # A rerun's own overrides do not compose its config (it came from a saved one): say so.
+    # A rerun of the saved config records the run's overrides, then its own: what it ran with.
     assert dgm("rerun", str(finished_run), "seed=1", "hydra.run.dir=again", cwd=tmp_path).returncode == 0
+    overrides = OmegaConf.load(finished_run / ".hydra" / "overrides.yaml")
+    assert OmegaConf.load(tmp_path / "again" / ".hydra" / "overrides.yaml") == [*overrides, "seed=1"]
+    [row] = report.table(report.find_runs(tmp_path / "again"))
+    assert row["config"] == " ".join(sorted(overrides)) and row["config"] != "(defaults)"
+    # Overrides that no longer compose a run's config (the configs changed since): say so.
+    (tmp_path / "again" / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(["dataset=digits", "seed=1"]))
     assert_one_line_error(dgm("rerun", "again", "optimizer=sgd", cwd=tmp_path),
                           "dgm rerun cannot apply optimizer=sgd", "start it afresh with dgm train")
+
+
+def test_a_report_row_aggregates_finished_runs_one_per_seed_and_counts_every_status(finished_run, tmp_path):
+    for name in ("a", "rerun", "unfinished", "failed"):
+        shutil.copytree(finished_run, tmp_path / "runs" / name)
+    (tmp_path / "runs" / "unfinished" / "summary.json").unlink()  # as if killed
+    (tmp_path / "runs" / "failed" / "summary.json").unlink()
+    (tmp_path / "runs" / "failed" / "FAILED").write_text("training diverged\n")
+    [row] = report.table(report.find_runs(tmp_path / "runs"))
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert row["runs"] == 4 and row["n"] == 1 and row["status"] == "2 finished, 1 failed, 1 unfinished"
+    assert row["test_nll"] == pytest.approx(summary["test_nll"]) and row["test_nll_std"] is None  # one seed
+    assert row["test_nll_stderr"] == pytest.approx(summary["test_nll_stderr"], rel=1e-4)  # over images, not 0.00
+    assert row["config"] == "(the shared overrides)"
 
 
 def test_resume_takes_where_and_how_it_runs_and_nothing_else(finished_run):
