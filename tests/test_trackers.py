@@ -2,6 +2,12 @@
 directory, read back with their own clients and formats."""
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
 
 import pytest
 
@@ -57,6 +63,28 @@ def test_mlflow_gets_the_config_every_metric_the_summary_and_the_pictures(tmp_pa
     assert {"summary.json", "samples"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "samples")} == {"samples/samples.png",
                                                                                    "samples/reconstructions.png"}
+    # The README's `MLFLOW_ALLOW_FILE_STORE=true mlflow ui`, beside ./mlruns, serves the run.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(["mlflow", "ui", "--port", str(port)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        page = None
+        for _ in range(600):  # it starts in about 10 s on 2 busy cores
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()
+                time.sleep(0.2)
+        assert page is not None and "<html" in page.lower()
+        served = MlflowClient(f"http://127.0.0.1:{port}")
+        [shown] = served.search_runs([served.get_experiment_by_name("dgm").experiment_id])
+        assert shown.info.run_id == run.info.run_id and shown.data.metrics["test/nll"] == run.data.metrics["test/nll"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started
+        server.wait(timeout=60)
 
 
 @pytest.mark.slow
