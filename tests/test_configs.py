@@ -40,3 +40,4 @@ def test_every_experiment_says_how_to_run_it():
         header = files("dgm_cli.configs").joinpath("experiment", f"{option}.yaml").read_text()
         assert header.startswith("#") and f"experiment={option}" in header
         assert re.search(r"run time \d+ (minutes|seconds)", header) and "test_nll" in header
+        assert "# Settings chosen: " in header  # how: none chosen on a test figure
