@@ -320,17 +320,20 @@ def _from_saved_config(run: Path) -> list[str]:
 @contextlib.contextmanager
 def _logging_to_terminal():
     """For the commands that are no Hydra app (dgm eval, dgm sample): their log on stderr in
-    train.log's format, so that a test pass reports its progress as a training's does."""
+    train.log's format, so that a test pass reports its progress as a training's does. It is
+    the root logger's one handler meanwhile, as Hydra's are in a training: absl, which Orbax
+    logs through, gives the root a handler of Python's default format when it first logs."""
     formatter = _train_yaml_hydra()["job_logging"]["formatters"]["simple"]
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(formatter["format"], formatter["datefmt"]))
-    root, level = logging.getLogger(), logging.getLogger().level
-    root.addHandler(handler)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     try:
         yield
     finally:
-        root.removeHandler(handler)
+        root.handlers[:] = handlers
         root.setLevel(level)
 
 

@@ -3,10 +3,12 @@ time, every evaluation kept with how it was measured, and the small breaks of th
 around them."""
 
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -141,8 +143,11 @@ def test_the_test_pass_logs_its_progress_and_the_devices(make_config, tmp_path, 
 def test_eval_logs_its_test_pass_as_a_training_does(run_copy, monkeypatch, capsys):
     monkeypatch.setattr(steps, "LOG_EVERY_SECONDS", 0.0)
     monkeypatch.setattr(steps, "COMPILE_NOTICE_SECONDS", 0.0)
+    # The handler of Python's default format that absl gives the root logger when it first logs.
+    monkeypatch.setattr(logging.getLogger(), "handlers", [logging.StreamHandler(sys.stderr)])
     cli.evaluate([str(run_copy), "eval.num_samples=200", "eval.sample_batch=1000"])
     out, err = capsys.readouterr()
+    assert "INFO:" not in err
     assert re.search(r"^\[\d\d:\d\d:\d\d\] testing epoch \d+ with 200 importance samples per example$", err, re.M)
     assert "compiling the test pass for these shapes (" in err
     progress = [line for line in err.splitlines() if "test log-likelihood:" in line]
