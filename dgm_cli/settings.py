@@ -321,11 +321,15 @@ def describe(args: list[str]) -> str | None:
     setting of the chosen options with its value and the comment its config file gives it.
     None for a command on configs of the user's own (Hydra's help covers those)."""
     flags, overrides = split([arg for arg in args if arg not in ("--help", "-h")])
-    parsed = [o for o in parse(overrides) if is_group(o.key_or_group) or not o.is_sweep_override()]
     if _flag(flags, "--config-dir", "-cd", "--config-path", "-cp") is not None:
         return None
-    chosen = [o.input_line if not o.is_sweep_override() else _choices(o, False) and
-              f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in parsed]
+    chosen = []
+    for override in parse(overrides):  # a sweep shows the first of its options, or the default value
+        if not override.is_sweep_override():
+            chosen.append(override.input_line)
+        elif is_group(override.key_or_group) and override.value_type in (
+                ValueType.CHOICE_SWEEP, ValueType.SIMPLE_CHOICE_SWEEP, ValueType.RANGE_SWEEP):
+            chosen.append(f"{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}")
     with _configs(flags) as (config_name, _):
         loader = GlobalHydra.instance().config_loader()
         composed = compose(config_name, overrides=chosen, return_hydra_config=True)
