@@ -154,7 +154,8 @@ def test_patience_stops_after_epochs_without_a_better_validation_value_and_tests
     assert max(r["epoch"] for r in records if r["split"] == "train") == summary["epochs_trained"]
     (tmp_path / "summary.json").unlink()  # killed after it stopped, before its test: it stops again at once
     assert loop.run(config, tmp_path) == {**summary, "wall_seconds": pytest.approx(0, abs=1e9),
-                                          "startup_seconds": pytest.approx(0, abs=1e9)}
+                                          "startup_seconds": pytest.approx(0, abs=1e9),
+                                          "test_per_image": "evaluations/0001.npy"}  # kept beside the first
 
 
 @pytest.mark.slow
