@@ -53,11 +53,12 @@ def convergence(nll_by_samples: dict[int, float], stderr: float) -> tuple[bool, 
     if last < 10:
         return False, f"with {last} samples there is no tenfold increase of k to judge convergence by"
     before = last // 10
-    moved = nll_by_samples[before] - nll_by_samples[last]
-    verdict = abs(moved) < stderr
+    change = nll_by_samples[last] - nll_by_samples[before]
+    verdict = abs(change) < stderr
     relation = "less" if verdict else "more"
-    return verdict, (f"from k = {before} to {last} samples the estimate moved {moved:+.3f} nats, {relation} than its "
-                     f"standard error {stderr:.3f}")
+    direction = "fell" if change < 0 else "rose"
+    return verdict, (f"from k = {before} to {last} samples the NLL estimate {direction} by {abs(change):.3f} nats, "
+                     f"{relation} than its standard error {stderr:.3f}")
 
 
 def summarise(evidence: dict, sample_counts: tuple[int, ...] | None) -> dict:

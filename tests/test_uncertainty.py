@@ -58,7 +58,7 @@ def test_intervals_are_students_and_welchs():
 def test_the_convergence_verdict_compares_the_last_tenfold_step_with_the_standard_error():
     assert uncertainty.convergence({1: 99.0, 10: 95.0, 100: 94.2, 1000: 94.1}, stderr=0.3)[0]
     converged, why = uncertainty.convergence({1: 99.0, 10: 95.0, 100: 94.9, 1000: 94.1}, stderr=0.3)
-    assert not converged and "from k = 100 to 1000" in why and "+0.800" in why
+    assert not converged and "from k = 100 to 1000 samples the NLL estimate fell by 0.800" in why
     assert not uncertainty.convergence({1: 99.0, 5: 97.0}, stderr=10.0)[0]  # no tenfold step to judge by
     equal_weights = {"log_p": np.zeros(4), "log_p_by_k": np.zeros((4, 2)), "log_ess": np.full(4, math.log(10))}
     figures = uncertainty.summarise(equal_weights, (1, 10))
