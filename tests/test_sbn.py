@@ -11,6 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from dgm_cli import estimators, objectives, runtime, steps, loop
+from dgm_cli.estimators import base, relaxed
 from dgm_cli.data import Spec
 from dgm_cli.errors import DgmError
 from dgm_cli.metrics import read_records
@@ -94,12 +95,14 @@ def with_stats(state, layers, mean, var):
     ("reinforce", (3,), 1), pytest.param("reinforce", (3, 2), 1, marks=pytest.mark.slow), ("vimco", (3,), 2),
     pytest.param("vimco", (2, 2), 3, marks=pytest.mark.slow), ("disarm", (3,), 1), ("disarm", (3,), 2),
     ("disarm", (3, 2), 1), pytest.param("disarm", (2, 2), 2, marks=pytest.mark.slow),
+    ("arm", (3,), 1), ("arm", (3,), 2), ("arm", (3, 2), 1), ("rloo", (3,), 2), ("rloo", (3, 2), 3),
 ])
 def test_estimators_are_unbiased_by_enumeration(estimator, layers, num_samples):
     model = make_model(estimator, layers, num_samples)
     state = with_stats(random_state(model), layers, -6.0, 0.0)
     samples = estimates(model, state, X, 20_000)
-    exact = exact_gradient(model, state, layers, num_samples)
+    objective_samples = 1 if model.estimator.averaged_elbo else num_samples  # rloo: the ELBO, whatever K
+    exact = exact_gradient(model, state, layers, objective_samples)
     assert_unbiased(samples.recognition, exact.recognition)
     assert_unbiased(samples.generative, exact.generative)
 
@@ -138,7 +141,7 @@ def fit_baselines(model, state, x, steps=300):
 
 def total_variance(model, state, x):
     grads = estimates(model, state, x, 4000, seed=1).recognition
-    _, var = estimators._running(state.stats, model.settings.baseline_decay)
+    _, var = base.running(state.stats, model.settings.baseline_decay)
     scale = float(jnp.maximum(1.0, jnp.sqrt(var[0]))) if model.estimator.baselines else 1.0  # undo NVIL's σ̂
     return sum(float(jnp.sum(jnp.var(leaf * scale, 0))) for leaf in jax.tree.leaves(grads))
 
@@ -163,10 +166,10 @@ def test_nvil_vimco_and_disarm_have_lower_variance_than_reinforce():
 def test_the_binary_concrete_density_is_normalised_and_fires_as_the_discrete_unit():
     logits, temperature = jnp.array([[-1.5, 0.0, 2.0]]), 0.5
     z = jnp.linspace(-60, 60, 200_001)[:, None]  # steps of 6e-4
-    density = np.stack([np.exp(estimators._logistic_log_density(z, logits[:, [i]], temperature))
+    density = np.stack([np.exp(relaxed.logistic_log_density(z, logits[:, [i]], temperature))
                         for i in range(3)], 1).astype(np.float64)
     np.testing.assert_allclose(density.sum(0) * 120 / 200_000, 1.0, atol=1e-3)
-    draws = estimators._relaxed_draw(jax.random.key(0), logits, temperature, (200_000, 3))
+    draws = relaxed.relaxed_draw(jax.random.key(0), logits, temperature, (200_000, 3))
     np.testing.assert_allclose(jnp.mean(draws > 0, 0), jax.nn.sigmoid(logits[0]), atol=4e-3)
 
 
@@ -211,7 +214,9 @@ def test_an_optimizer_that_needs_the_parameters_trains_every_estimator(make_conf
 
 
 @pytest.mark.parametrize("override,message", [
-    (["model.estimator=rebar"], "unknown model.estimator 'rebar'; choose from: concrete, disarm, nvil, reinforce, vimco"),
+    (["model.estimator=rebar"],
+     "unknown model.estimator 'rebar'; choose from: arm, concrete, disarm, nvil, reinforce, rloo, vimco"),
+    (["model.estimator=rloo"], r"model.estimator=rloo needs model.num_samples >= 2"),
     (["model.estimator=vimco"], r"model.estimator=vimco needs model.num_samples >= 2"),
     (["model.estimator=nvil", "model.num_samples=5"], r"model.estimator=nvil trains the ELBO with model.num_samples=1"),
     (["model.estimator=concrete", "model.temperature=0"], "model.temperature must be a positive number, got 0"),
@@ -227,7 +232,7 @@ def test_bad_settings(make_config, tmp_path, override, message):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator,num_samples", [
-    ("reinforce", 1), ("nvil", 1), ("vimco", 5), ("disarm", 1), ("concrete", 1)])
+    ("reinforce", 1), ("nvil", 1), ("vimco", 5), ("rloo", 5), ("arm", 1), ("disarm", 1), ("concrete", 1)])
 def test_every_estimator_learns_the_bars(make_config, tmp_path, estimator, num_samples):
     summary = loop.run(make_config(
         "model=sbn", "dataset=bars", "model.layers=[8]", f"model.estimator={estimator}",

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from dgm_cli import loop
 from dgm_cli.data import Spec
 from dgm_cli.errors import DgmError
-from dgm_cli.models.helmholtz import bernoulli, bernoulli_16bit
+from dgm_cli.bernoulli import bernoulli, bernoulli_16bit
 from dgm_cli.models.wakesleep import WakeSleep
 
 

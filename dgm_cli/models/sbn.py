@@ -5,7 +5,8 @@ generative sigmoid belief net p(x, h | θ) and a recognition net q(h | x, λ) of
 Both ascend one objective, L̂ = log (1/K) Σ_k p(x, h_k) / q(h_k|x) with h_k ~ q(h|x): the ELBO for
 K = 1 (`num_samples`), the importance-weighted bound for K > 1. θ gets the ordinary gradient
 Σ_k w̃_k ∇_θ log p(x, h_k); h is discrete, so ∇_λ has no reparameterisation and comes from
-`model.estimator` (`dgm_cli.estimators`: reinforce, nvil, vimco, disarm, concrete).
+`model.estimator` (`dgm_cli.estimators`: reinforce, nvil, vimco, rloo, arm, disarm, concrete;
+`rloo` trains the ELBO averaged over its K draws).
 Validation, test and pictures always use the discrete model, whatever the estimator.
 """
 
@@ -46,7 +47,8 @@ class SBN(HelmholtzMachine):
             raise DgmError(f"{name} needs model.num_samples >= {self.estimator.min_samples}: each sample's "
                            f"baseline is built from the others; got {self.num_samples}")
         if self.estimator.max_samples is not None and self.num_samples > self.estimator.max_samples:
-            any_k = ", ".join(sorted(n for n, e in estimators.ESTIMATORS.items() if e.max_samples is None))
+            any_k = ", ".join(sorted(n for n, e in estimators.ESTIMATORS.items()
+                                     if e.max_samples is None and not e.averaged_elbo))
             raise DgmError(f"{name} trains the ELBO with model.num_samples=1 (got {self.num_samples}); "
                            f"for the K-sample bound choose model.estimator from: {any_k}")
         self.settings = estimators.Settings(
@@ -100,4 +102,5 @@ class SBN(HelmholtzMachine):
         x = batch["x"]
         hidden, log_q = state.recognition.sample(x, key, self.num_samples)  # [K, B, …], 24-bit draws
         log_w = state.generative.log_prob(x, hidden) - log_q
-        return {"loss": -objectives.log_mean_exp(log_w), "neg_elbo": -jnp.mean(log_w, axis=0)}
+        neg_elbo = -jnp.mean(log_w, axis=0)  # validation measures what the estimator trains on
+        return {"loss": neg_elbo if self.estimator.averaged_elbo else -objectives.log_mean_exp(log_w), "neg_elbo": neg_elbo}

@@ -11,7 +11,7 @@ importance weight w̃_k ∝ p(x, h_k) / q(h_k|x), and `q_update=wake|both` adds 
 update of λ, Σ_k w̃_k ∇ log q(h_k|x). K = 1 with `q_update=sleep` is the classic algorithm.
 
 The sleep phase's dreams are only targets of log q(h̃|x̃), so they take 16-bit draws
-(`helmholtz.bernoulli_16bit`), the wake phase's 24-bit ones: see `dgm_cli.models.helmholtz`.
+(`dgm_cli.bernoulli.bernoulli_16bit`), the wake phase's 24-bit ones: see `dgm_cli.bernoulli`.
 """
 
 from typing import NamedTuple
@@ -22,7 +22,8 @@ import optax
 
 from dgm_cli import objectives
 from dgm_cli.errors import DgmError, choice, positive_float, positive_int
-from dgm_cli.models.helmholtz import HelmholtzMachine, BernoulliChain, Generative, bernoulli, bernoulli_16bit, make_networks, network_settings
+from dgm_cli.bernoulli import bernoulli, bernoulli_16bit
+from dgm_cli.models.helmholtz import HelmholtzMachine, BernoulliChain, Generative, make_networks, network_settings
 from dgm_cli.optim import apply_gradients
 
 Q_UPDATES = {"sleep": (True, False), "wake": (False, True), "both": (True, True)}  # (sleep, wake)
