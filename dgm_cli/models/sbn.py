@@ -102,5 +102,6 @@ class SBN(HelmholtzMachine):
         x = batch["x"]
         hidden, log_q = state.recognition.sample(x, key, self.num_samples)  # [K, B, …], 24-bit draws
         log_w = state.generative.log_prob(x, hidden) - log_q
-        neg_elbo = -jnp.mean(log_w, axis=0)  # validation measures what the estimator trains on
-        return {"loss": neg_elbo if self.estimator.averaged_elbo else -objectives.log_mean_exp(log_w), "neg_elbo": neg_elbo}
+        neg_elbo = -jnp.mean(log_w, axis=0)
+        loss = neg_elbo if self.estimator.averaged_elbo else -objectives.log_mean_exp(log_w)  # what it trains on
+        return {"loss": loss, "neg_elbo": neg_elbo}
