@@ -96,14 +96,88 @@ def with_stats(state, layers, mean, var):
     pytest.param("vimco", (2, 2), 3, marks=pytest.mark.slow), ("disarm", (3,), 1), ("disarm", (3,), 2),
     ("disarm", (3, 2), 1), pytest.param("disarm", (2, 2), 2, marks=pytest.mark.slow),
     ("arm", (3,), 1), ("arm", (3,), 2), ("arm", (3, 2), 1), ("rloo", (3,), 2), ("rloo", (3, 2), 3),
+    ("rebar", (3,), 1), ("rebar", (3, 2), 1), ("rebar", (3,), 2), ("relax", (3,), 1), ("relax", (3, 2), 2),
 ])
 def test_estimators_are_unbiased_by_enumeration(estimator, layers, num_samples):
     model = make_model(estimator, layers, num_samples)
     state = with_stats(random_state(model), layers, -6.0, 0.0)
+    if model.estimator.controls is not None and estimator != "nvil":  # rebar, relax: η, τ (and r_ρ) away from their start
+        state = state._replace(baselines=perturbed(state.baselines, 7, 0.5))
     samples = estimates(model, state, X, 20_000)
     objective_samples = 1 if model.estimator.averaged_elbo else num_samples  # rloo: the ELBO, whatever K
     exact = exact_gradient(model, state, layers, objective_samples)
     assert_unbiased(samples.recognition, exact.recognition)
+    assert_unbiased(samples.generative, exact.generative)
+
+
+def one_layer_model_whose_bound_is_linear_in_h(estimator, temperature):
+    """One layer of 3 units whose pixels ignore h: L̂ = Σ_j h_j (π_j − a_j) + terms free of h, π the
+    prior's logits, a q's. The exact gradient is then Σ_j (π_j − a_j) σ'(a_j) ∇a_j."""
+    model = make_model(estimator, (3,), 1, temperature=temperature)
+    state = random_state(model)
+    kernel = state.generative.chain.conditionals[-1].layers[0].kernel
+    kernel[...] = jnp.zeros_like(kernel[...])
+    return model, state
+
+
+def expected_gradient_with_slope(state, slope):
+    """−∇_λ of the batch-mean bound above with σ'(a) replaced by `slope(a)` (the mean of an estimator's
+    ∂h/∂a): the vjp of λ -> a(x) with the cotangent −(π − a) slope(a) / B."""
+    a, vjp = jax.vjp(lambda recognition: recognition.conditionals[0](X), state.recognition)
+    prior = state.generative.prior_logits[...]
+    return vjp(-(prior - a) * slope(np.asarray(a, np.float64)).astype(np.float32) / X.shape[0])[0]
+
+
+def logistic_mean(function, a, points=400_000):
+    """E_u[function(a + log(1 − u) − log u)], u ~ U(0, 1), by the midpoint rule in float64."""
+    u = (np.arange(points) + 0.5) / points
+    logistic = np.log1p(-u) - np.log(u)
+    return np.array([np.mean(function(value + logistic)) for value in np.ravel(a)]).reshape(np.shape(a))
+
+
+def sigmoid_slope(z):
+    return 1.0 / (2.0 + np.exp(z) + np.exp(-z))  # σ(z) σ(−z)
+
+
+@pytest.mark.parametrize("estimator,temperature", [("straight_through", 0.5), ("reinmax", 1.0)])
+def test_straight_through_and_reinmax_at_temperature_one_are_exact_for_a_bound_linear_in_h(estimator, temperature):
+    model, state = one_layer_model_whose_bound_is_linear_in_h(estimator, temperature)
+    samples = estimates(model, state, X, 20_000)
+    assert_unbiased(samples.recognition, exact_gradient(model, state, (3,), 1).recognition)
+    assert_unbiased(samples.generative, exact_gradient(model, state, (3,), 1).generative)
+
+
+def test_gumbel_straight_through_is_biased_by_the_relaxed_slope_even_for_a_bound_linear_in_h():
+    """Its ∂h/∂a is σ'(z/τ)/τ at the logistic z behind b, whose mean over z is not σ'(a)."""
+    temperature = 0.5
+    model, state = one_layer_model_whose_bound_is_linear_in_h("gumbel_st", temperature)
+    samples = estimates(model, state, X, 20_000)
+    relaxed_slope = lambda a: logistic_mean(lambda z: sigmoid_slope(z / temperature) / temperature, a)
+    assert_unbiased(samples.recognition, expected_gradient_with_slope(state, relaxed_slope))
+    exact = exact_gradient(model, state, (3,), 1).recognition
+    for ours, theirs in zip(jax.tree.leaves(expected_gradient_with_slope(state, sigmoid_slope)), jax.tree.leaves(exact)):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)  # with σ' itself the helper gives the exact one
+    assert_biased(samples.recognition, exact)
+
+
+def assert_biased(samples, exact):
+    """Some coordinate's mean more than 8 standard errors from the exact value."""
+    z = [np.abs(np.asarray(s, np.float64).mean(0) - np.asarray(t, np.float64))
+         / (np.asarray(s, np.float64).std(0) / math.sqrt(len(s)) + 1e-12)
+         for s, t in zip(jax.tree.leaves(samples), jax.tree.leaves(exact), strict=True)]
+    assert max(float(v.max()) for v in z) > 8, [float(v.max()) for v in z]
+
+
+@pytest.mark.parametrize("estimator,layers,temperature", [
+    ("straight_through", (3,), 0.5), ("gumbel_st", (3,), 0.5), ("reinmax", (3, 2), 1.0)])
+def test_the_straight_through_family_is_biased_where_the_bound_is_not_linear_in_h(estimator, layers, temperature):
+    """θ's gradient stays the ordinary one (unbiased); λ's is not. (ReinMax's second-order step leaves
+    too little bias on one layer of this model to see in 20 000 draws: 2.2 standard errors; on two, hundreds.)"""
+    model = make_model(estimator, layers, 1, temperature=temperature)
+    state = random_state(model)
+    samples = estimates(model, state, X, 20_000)
+    exact = exact_gradient(model, state, layers, 1)
+    assert_biased(samples.recognition, exact.recognition)
     assert_unbiased(samples.generative, exact.generative)
 
 
@@ -116,6 +190,32 @@ def test_nvil_with_local_signals_is_unbiased_up_to_its_variance_normalisation(la
     exact = exact_gradient(model, state, layers, 1)
     assert_unbiased(samples.recognition, exact.recognition, scale=0.5)
     assert_unbiased(samples.generative, exact.generative)
+
+
+@pytest.mark.parametrize("estimator", ["rebar", "relax"])
+def test_the_control_variates_descend_the_second_moment_of_their_own_estimate(estimator):
+    """ψ's gradient (η, log τ, r_ρ) is ∇_ψ Σ ĝ² of the same draw, ĝ the λ-estimate: central finite
+    differences of Σ ĝ² agree. (A learning signal c(ũ) held fixed for ψ as well as for λ fails here.)"""
+    model = make_model(estimator, (3,), 1)
+    state = random_state(model)
+    state = state._replace(baselines=perturbed(state.baselines, 7, 0.5))
+    key = jax.random.key(11)
+
+    @jax.jit
+    def second_moment_and_gradient(baselines):
+        grads, _ = jax.grad(model.estimator.estimate, has_aux=True)(
+            nets_of(state._replace(baselines=baselines)), state.stats, X, key, model.settings)
+        return sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads.recognition)), grads.baselines
+
+    _, gradient = second_moment_and_gradient(state.baselines)
+    leaves, treedef = jax.tree.flatten(state.baselines)
+    for index, (leaf, derivative) in enumerate(zip(leaves, jax.tree.leaves(gradient), strict=True)):
+        step = np.zeros(np.shape(leaf), np.float32)
+        step.flat[0] = 1e-2
+        def at(sign):
+            moved = [l + sign * step if i == index else l for i, l in enumerate(leaves)]
+            return float(second_moment_and_gradient(jax.tree.unflatten(treedef, moved))[0])
+        np.testing.assert_allclose((at(1) - at(-1)) / 2e-2, np.ravel(derivative)[0], rtol=0.02, atol=1e-3)
 
 
 def fit_baselines(model, state, x, steps=300):
@@ -142,24 +242,25 @@ def fit_baselines(model, state, x, steps=300):
 def total_variance(model, state, x):
     grads = estimates(model, state, x, 4000, seed=1).recognition
     _, var = base.running(state.stats, model.settings.baseline_decay)
-    scale = float(jnp.maximum(1.0, jnp.sqrt(var[0]))) if model.estimator.baselines else 1.0  # undo NVIL's σ̂
+    scale = float(jnp.maximum(1.0, jnp.sqrt(var[0]))) if model.estimator.estimate is estimators.nvil else 1.0  # undo σ̂
     return sum(float(jnp.sum(jnp.var(leaf * scale, 0))) for leaf in jax.tree.leaves(grads))
 
 
 @pytest.mark.slow
-def test_nvil_vimco_and_disarm_have_lower_variance_than_reinforce():
+def test_nvil_vimco_disarm_rebar_and_relax_have_lower_variance_than_reinforce():
     """On 16 images from sparse to dense, whose ELBOs differ by nats, as real images' do: a constant
     baseline fits them badly. Each estimator's baseline statistics and nets first adapt for 300
     batches with θ and λ frozen; then the total variance of 4000 estimates of ∇_λ."""
     x = (jax.random.uniform(jax.random.key(4), (16, 12)) < jnp.linspace(0.05, 0.95, 16)[:, None]).astype(jnp.float32)
     variances = {}
-    for estimator, num_samples in [("reinforce", 1), ("nvil", 1), ("vimco", 5), ("disarm", 1)]:
+    for estimator, num_samples in [("reinforce", 1), ("nvil", 1), ("vimco", 5), ("disarm", 1), ("rebar", 1),
+                                   ("relax", 1)]:
         model = make_model(estimator, (3,), num_samples, data_dim=12)
         reference = random_state(make_model("nvil", (3,), data_dim=12))  # the same θ and λ for all
         state = random_state(model)._replace(generative=reference.generative, recognition=reference.recognition)
         variances[estimator] = total_variance(model, fit_baselines(model, state, x), x)
-    # Measured: reinforce 1.75, nvil 0.92, vimco 0.41, disarm 0.84.
-    for estimator in ("nvil", "vimco", "disarm"):
+    # Measured: reinforce 1.32, nvil 0.83, vimco 0.48, disarm 0.61, rebar 0.36, relax 0.39.
+    for estimator in ("nvil", "vimco", "disarm", "rebar", "relax"):
         assert variances[estimator] < 0.7 * variances["reinforce"], variances
 
 
@@ -214,8 +315,8 @@ def test_an_optimizer_that_needs_the_parameters_trains_every_estimator(make_conf
 
 
 @pytest.mark.parametrize("override,message", [
-    (["model.estimator=rebar"],
-     "unknown model.estimator 'rebar'; choose from: arm, concrete, disarm, nvil, reinforce, rloo, vimco"),
+    (["model.estimator=muprop"], "unknown model.estimator 'muprop'; choose from: arm, concrete, disarm, gumbel_st, "
+                                 "nvil, rebar, reinforce, reinmax, relax, rloo, straight_through, vimco"),
     (["model.estimator=rloo"], r"model.estimator=rloo needs model.num_samples >= 2"),
     (["model.estimator=vimco"], r"model.estimator=vimco needs model.num_samples >= 2"),
     (["model.estimator=nvil", "model.num_samples=5"], r"model.estimator=nvil trains the ELBO with model.num_samples=1"),
@@ -232,14 +333,17 @@ def test_bad_settings(make_config, tmp_path, override, message):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator,num_samples", [
-    ("reinforce", 1), ("nvil", 1), ("vimco", 5), ("rloo", 5), ("arm", 1), ("disarm", 1), ("concrete", 1)])
+    ("reinforce", 1), ("nvil", 1), ("vimco", 5), ("rloo", 5), ("arm", 1), ("disarm", 1), ("rebar", 1), ("relax", 1),
+    ("concrete", 1), ("straight_through", 1), ("gumbel_st", 1), ("reinmax", 1)])
 def test_every_estimator_learns_the_bars(make_config, tmp_path, estimator, num_samples):
     summary = loop.run(make_config(
         "model=sbn", "dataset=bars", "model.layers=[8]", f"model.estimator={estimator}",
         f"model.num_samples={num_samples}", "trainer.epochs=20", "trainer.batch_size=20", "optimizer.lr=0.03",
         "trainer.progress=false", "eval.num_samples=500"), tmp_path)
-    # 16 independent pixels would cost 8 nats here; the bars' entropy is 2.5. Measured: 1.0 to 1.45 above it.
-    assert summary["true_test_nll"] - 0.2 < summary["test_nll"] < summary["true_test_nll"] + 2.0, summary
+    # 16 independent pixels would cost 8 nats here; the bars' entropy is 2.5. Measured: 1.0 to 1.45 above it,
+    # straight_through and reinmax (biased) 2.13 and 2.14.
+    slack = 2.5 if estimator in ("straight_through", "reinmax") else 2.0
+    assert summary["true_test_nll"] - 0.2 < summary["test_nll"] < summary["true_test_nll"] + slack, summary
 
 
 def test_gradient_diagnostics_are_the_spread_of_independent_estimates():

@@ -4,39 +4,17 @@ import jax
 import jax.numpy as jnp
 
 from dgm_cli import objectives
-from dgm_cli.bernoulli import fires
-from dgm_cli.estimators.base import bound_metrics, generative_loss, sg
-
-RESOLUTION = 24  # bits of each uniform, as every draw from q takes (`dgm_cli.bernoulli`)
-
-
-def _trajectory(conditionals, x, key, num_samples, flipped=None):
-    """h ~ q(h|x) layer by layer from 24-bit uniforms u_l (`fires`), the layer `flipped` drawn from
-    1 − u_l instead: its antithetic twin. Every layer's uniforms follow from `key` alone, so two
-    trajectories differ only from the flipped layer on. -> hidden [h_1, …], logits [a_1, …] and the
-    uniforms [u_1, …] (the centres of their 2^-24 cells, as `fires` compares them), each [K, B, size]."""
-    h, hidden, logits, uniforms = x, [], [], []
-    for index, conditional in enumerate(conditionals):
-        a = conditional(h)
-        shape = (num_samples, *a.shape) if index == 0 else a.shape
-        bits = jax.random.bits(jax.random.fold_in(key, index), shape, jnp.uint32) >> (32 - RESOLUTION)
-        bits = 2**RESOLUTION - 1 - bits if index == flipped else bits
-        h = fires(bits, jax.nn.sigmoid(a), RESOLUTION).astype(a.dtype)
-        hidden.append(h)
-        logits.append(jnp.broadcast_to(a, shape))
-        uniforms.append((bits.astype(a.dtype) + 0.5) / 2**RESOLUTION)
-    return hidden, logits, uniforms
-
+from dgm_cli.estimators.base import bound_metrics, generative_loss, sg, trajectory
 
 def _antithetic(nets, x, key, settings, coefficient):
     """The estimate that pairs, for each layer l of q(h_l|h_{l−1}) = Π Bern(σ(a_l)), the draw
     b = 1[u < σ(a_l)] with its twin b̃ = 1[1 − u < σ(a_l)] = 1[u > σ(−a_l)] given the layers below,
-    each continued upwards with the same uniforms (`_trajectory`); `coefficient(f(b) − f(b̃), b, b̃, a_l, u)`
+    each continued upwards with the same uniforms (`base.trajectory`); `coefficient(f(b) − f(b̃), b, b̃, a_l, u)`
     is the estimator's ∂L̂/∂a_l, f = L̂ with λ held fixed in log w. L̂'s own λ-dependence through
     log w, −Σ_j w̃_j ∇_λ log q(h_j|x), and θ's ordinary gradient are averaged over the L + 1
     trajectories (the draw and each layer's twin), each a draw from q."""
     conditionals = nets.recognition.conditionals
-    trajectories = [_trajectory(conditionals, x, key, settings.num_samples, flipped)
+    trajectories = [trajectory(conditionals, x, key, settings.num_samples, flipped)
                     for flipped in [None, *range(len(conditionals))]]
     surrogate, log_ws = 0.0, []
     for hidden, _, _ in trajectories:

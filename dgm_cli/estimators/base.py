@@ -7,21 +7,46 @@ import jax
 import jax.numpy as jnp
 
 from dgm_cli import objectives
+from dgm_cli.bernoulli import fires
 
 sg = jax.lax.stop_gradient
+
+RESOLUTION = 24  # bits of each uniform, as every draw from q takes (`dgm_cli.bernoulli`)
+
+
+def trajectory(conditionals, x, key, num_samples, flipped=None, unit=None):
+    """h ~ q(h|x) layer by layer from 24-bit uniforms u_l (`fires`), the layer `flipped` drawn from
+    1 − u_l instead: its antithetic twin. Every layer's uniforms follow from `key` alone, so two
+    trajectories differ only from the flipped layer on. `unit(b, a, u)`, if given, is what each layer
+    passes on for its draw b (the straight-through estimators' b with a surrogate derivative in a).
+    -> hidden [h_1, …], logits [a_1, …] and the uniforms [u_1, …] (the centres of their 2^-24 cells,
+    as `fires` compares them: b = 1[u < σ(a)]), each [K, B, size]."""
+    h, hidden, logits, uniforms = x, [], [], []
+    for index, conditional in enumerate(conditionals):
+        a = conditional(h)
+        shape = (num_samples, *a.shape) if index == 0 else a.shape
+        bits = jax.random.bits(jax.random.fold_in(key, index), shape, jnp.uint32) >> (32 - RESOLUTION)
+        bits = 2**RESOLUTION - 1 - bits if index == flipped else bits
+        h = fires(bits, jax.nn.sigmoid(a), RESOLUTION).astype(a.dtype)
+        a, u = jnp.broadcast_to(a, shape), (bits.astype(a.dtype) + 0.5) / 2**RESOLUTION
+        h = h if unit is None else unit(h, a, u)
+        hidden.append(h)
+        logits.append(a)
+        uniforms.append(u)
+    return hidden, logits, uniforms
 
 
 class Settings(NamedTuple):
     num_samples: int         # K
     baseline_decay: float    # α of the running means and variances: new = α old + (1 − α) batch
-    temperature: float       # τ of the relaxed posterior (concrete)
+    temperature: float       # τ of the relaxed posterior (concrete, gumbel_st; rebar's and relax's start), ReinMax's τ
     prior_temperature: float  # τ of the relaxed prior and generative conditionals (concrete)
 
 
 class Nets(NamedTuple):
     generative: object   # helmholtz.Generative
     recognition: object  # helmholtz.BernoulliChain
-    baselines: object    # nnx.List of one MLP per stochastic layer (nvil), else None
+    baselines: object    # the estimator's own nets ψ: nvil's baselines, rebar's and relax's control variates, or None
 
 
 def init_stats(num_layers: int):

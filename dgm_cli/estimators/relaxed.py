@@ -1,4 +1,6 @@
-"""Relaxed estimators: the units made continuous, so that both nets descend by reparameterisation."""
+"""Relaxed and straight-through estimators: the units made continuous (concrete), or kept discrete
+in the forward pass with a continuous stand-in for their derivative (straight_through, gumbel_st,
+reinmax): biased all, and cheap, one pass and its gradient."""
 
 import math
 
@@ -6,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from dgm_cli import objectives
+from dgm_cli.estimators.base import bound_metrics, sg, trajectory
 
 
 def logistic_log_density(z, logits, temperature):
@@ -47,3 +50,51 @@ def concrete(nets, stats, x, key, settings):
     log_w = log_p - log_q  # [K, B]
     loss = -jnp.mean(objectives.log_mean_exp(log_w))
     return loss, (stats, {"loss": loss, "neg_elbo": -jnp.mean(log_w)})
+
+
+def _straight_through(nets, x, key, settings, slope):
+    """Every unit's draw b passed on as h = b + s (a − sg(a)), s = sg(slope(b, a, u)): the value b,
+    the derivative ∂h/∂a = s (`base.trajectory`'s `unit`), so that the layers above, log p(x, h) and
+    log q(h|x) are differentiated through h. Both nets descend −L̂ so differentiated; θ's gradient is
+    the ordinary one, λ's is biased wherever L̂ is not linear in h."""
+    def unit(b, a, u):
+        return b + sg(slope(b, a, u)) * (a - sg(a))
+
+    hidden, _, _ = trajectory(nets.recognition.conditionals, x, key, settings.num_samples, unit=unit)
+    log_w = nets.generative.log_prob(x, hidden) - nets.recognition.log_prob(x, hidden)  # [K, B]
+    return -jnp.mean(objectives.log_mean_exp(log_w)), bound_metrics(sg(log_w))
+
+
+def straight_through(nets, stats, x, key, settings):
+    """Straight-through (Bengio, Léonard & Courville 2013), the sigmoid variant: ∂h/∂a = σ'(a) = σ(a) σ(−a),
+    the derivative of E[b] = σ(a). Exact when L̂ is linear in every h; biased otherwise."""
+    def slope(b, a, u):
+        return jax.nn.sigmoid(a) * jax.nn.sigmoid(-a)
+
+    surrogate, metrics = _straight_through(nets, x, key, settings, slope)
+    return surrogate, (stats, metrics)
+
+
+def gumbel_st(nets, stats, x, key, settings):
+    """Straight-through Gumbel (binary Concrete; Jang, Gu & Poole 2017): ∂h/∂a = ∂y/∂a of the relaxed
+    y = σ(z/τ), z = a + log(1 − u) − log u the logistic variable behind b = 1[z > 0], τ = `temperature`:
+    σ(z/τ) σ(−z/τ) / τ. Biased even when L̂ is linear in h: E[∂y/∂a] ≠ σ'(a)."""
+    def slope(b, a, u):
+        y = (a + jnp.log1p(-u) - jnp.log(u)) / settings.temperature
+        return jax.nn.sigmoid(y) * jax.nn.sigmoid(-y) / settings.temperature
+
+    surrogate, metrics = _straight_through(nets, x, key, settings, slope)
+    return surrogate, (stats, metrics)
+
+
+def reinmax(nets, stats, x, key, settings):
+    """ReinMax (Liu et al. 2023), the binary unit as two categories: Heun's method in place of
+    straight-through's Euler step, ∂h/∂a = 2 π₁(1 − π₁) − ½ σ(a) σ(−a), π₁ = ½ (b + σ(a/τ)),
+    τ = `temperature` (≥ 1 in the paper). With τ = 1 exact when L̂ is linear in h (E[π₁(1 − π₁)]
+    = ¾ σ'(a)), and second-order accurate beyond that; still biased."""
+    def slope(b, a, u):
+        pi_1 = 0.5 * (b + jax.nn.sigmoid(a / settings.temperature))
+        return 2.0 * pi_1 * (1.0 - pi_1) - 0.5 * jax.nn.sigmoid(a) * jax.nn.sigmoid(-a)
+
+    surrogate, metrics = _straight_through(nets, x, key, settings, slope)
+    return surrogate, (stats, metrics)

@@ -4,8 +4,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from dgm_cli import objectives
+from dgm_cli.nets import MLP
 from dgm_cli.estimators.base import bound_metrics, draw, generative_loss, running, sg, update
 
 
@@ -20,6 +22,11 @@ def reinforce(nets, stats, x, key, settings):
     batch_mean = jnp.mean(log_w[0])
     stats = update(stats, settings.baseline_decay, stats["mean"].at[0].set(batch_mean), stats["var"])
     return generative_loss(log_p, log_w) + surrogate, (stats, bound_metrics(log_w))
+
+
+def baseline_nets(recognition, sizes, hidden, activation, settings, rngs):
+    """ψ of nvil: C_ψi(h_{i−1}), from the layer below each stochastic layer to a number."""
+    return nnx.List([MLP([size, *hidden, 1], activation, rngs=rngs) for size in sizes[:-1]])
 
 
 def nvil(nets, stats, x, key, settings):

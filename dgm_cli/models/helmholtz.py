@@ -18,7 +18,7 @@ from flax import nnx
 from dgm_cli import objectives
 from dgm_cli.bernoulli import bernoulli
 from dgm_cli.errors import DgmError, positive_ints
-from dgm_cli.models import nets
+from dgm_cli import nets
 
 
 def network_settings(config):

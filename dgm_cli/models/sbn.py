@@ -5,8 +5,8 @@ generative sigmoid belief net p(x, h | θ) and a recognition net q(h | x, λ) of
 Both ascend one objective, L̂ = log (1/K) Σ_k p(x, h_k) / q(h_k|x) with h_k ~ q(h|x): the ELBO for
 K = 1 (`num_samples`), the importance-weighted bound for K > 1. θ gets the ordinary gradient
 Σ_k w̃_k ∇_θ log p(x, h_k); h is discrete, so ∇_λ has no reparameterisation and comes from
-`model.estimator` (`dgm_cli.estimators`: reinforce, nvil, vimco, rloo, arm, disarm, concrete;
-`rloo` trains the ELBO averaged over its K draws).
+`model.estimator` (`dgm_cli.estimators`: reinforce, nvil, vimco, rloo, arm, disarm, rebar, relax,
+concrete, straight_through, gumbel_st, reinmax; `rloo` trains the ELBO averaged over its K draws).
 Validation, test and pictures always use the discrete model, whatever the estimator.
 """
 
@@ -19,7 +19,6 @@ from flax import nnx
 
 from dgm_cli import estimators, objectives
 from dgm_cli.errors import DgmError, choice, positive_float, positive_int, positive_ints, probability
-from dgm_cli.models import nets
 from dgm_cli.models.helmholtz import HelmholtzMachine, BernoulliChain, Generative, make_networks, network_settings
 from dgm_cli.optim import apply_gradients
 
@@ -27,7 +26,7 @@ from dgm_cli.optim import apply_gradients
 class State(NamedTuple):
     generative: Generative
     recognition: BernoulliChain
-    baselines: nnx.List | None  # the estimator's baseline nets C_ψ, one per stochastic layer (nvil)
+    baselines: nnx.Module | None  # the estimator's own nets ψ: nvil's baselines, rebar's and relax's control variates
     stats: dict  # the estimator's running statistics (`estimators.init_stats`)
     generative_opt: optax.OptState
     recognition_opt: optax.OptState
@@ -65,11 +64,10 @@ class SBN(HelmholtzMachine):
         networks_key, baseline_key = jax.random.split(key)
         generative, recognition = make_networks(networks_key, self.data_dim, self.layers, self.deterministic_hidden,
                                                 self.activation)
-        baselines = None
-        if self.estimator.baselines:  # C_ψi(h_{i−1}): from the layer below each stochastic layer to a number
-            rngs = nnx.Rngs(baseline_key)
-            baselines = nnx.List([nets.MLP([size, *self.baseline_hidden, 1], self.activation, rngs=rngs)
-                                  for size in [self.data_dim, *self.layers[:-1]]])
+        baselines = None  # ψ: nvil's baseline nets, rebar's and relax's control variates
+        if self.estimator.controls is not None:
+            baselines = self.estimator.controls(recognition, [self.data_dim, *self.layers], self.baseline_hidden,
+                                                self.activation, self.settings, nnx.Rngs(baseline_key))
         return State(generative, recognition, baselines, estimators.init_stats(len(self.layers)),
                      self.generative_optimizer.init(generative), self.recognition_optimizer.init(recognition),
                      self.baselines_optimizer.init(baselines))
@@ -90,7 +88,7 @@ class SBN(HelmholtzMachine):
             self.generative_optimizer, grads.generative, state.generative, state.generative_opt)
         recognition, recognition_opt = apply_gradients(
             self.recognition_optimizer, grads.recognition, state.recognition, state.recognition_opt)
-        baselines, baselines_opt = state.baselines, state.baselines_opt  # None but for nvil
+        baselines, baselines_opt = state.baselines, state.baselines_opt  # None but for nvil, rebar, relax
         if baselines is not None:
             baselines, baselines_opt = apply_gradients(self.baselines_optimizer, grads.baselines, baselines, baselines_opt)
         return State(generative, recognition, baselines, stats, generative_opt, recognition_opt, baselines_opt), metrics

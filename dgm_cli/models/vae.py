@@ -28,7 +28,7 @@ from flax import nnx
 
 from dgm_cli import objectives
 from dgm_cli.errors import DgmError, choice, positive_int, positive_ints
-from dgm_cli.models import nets
+from dgm_cli import nets
 from dgm_cli.optim import apply_gradients
 
 ACTIVE_UNIT_THRESHOLD = 1e-2  # Burda et al.: a unit is active when Cov_x(E_q[z_u]) exceeds it

@@ -1,4 +1,4 @@
-"""Neural-network building blocks shared by the model families (Flax NNX).
+"""Neural-network building blocks shared by the model families and the estimators (Flax NNX).
 
 NNX modules are JAX pytrees, so a model's parameters travel through `jax.jit`, `lax.scan`,
 `jax.grad`, optax and Orbax as they are, with no split/merge at the call sites.
