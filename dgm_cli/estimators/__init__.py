@@ -39,6 +39,7 @@ class Estimator(NamedTuple):
     # its own nets ψ, if any: controls(recognition, sizes [D, *layers], hidden, activation, settings, rngs)
     controls: object = None
     averaged_elbo: bool = False  # trains the ELBO averaged over its K draws, not the K-sample bound
+    categorical: bool = True  # applies to categorical units too (`dgm_cli.units`), not to binary ones only
 
 
 ESTIMATORS = {
@@ -46,8 +47,8 @@ ESTIMATORS = {
     "nvil": Estimator(nvil, 1, 1, baseline_nets),
     "vimco": Estimator(vimco, 2, None),
     "rloo": Estimator(rloo, 2, None, averaged_elbo=True),
-    "arm": Estimator(arm, 1, None),
-    "disarm": Estimator(disarm, 1, None),
+    "arm": Estimator(arm, 1, None, categorical=False),
+    "disarm": Estimator(disarm, 1, None, categorical=False),
     "rebar": Estimator(rebar, 1, None, rebar_control),
     "relax": Estimator(relax, 1, None, relax_control),
     "concrete": Estimator(concrete, 1, None),

@@ -13,9 +13,8 @@ def _antithetic(nets, x, key, settings, coefficient):
     is the estimator's ∂L̂/∂a_l, f = L̂ with λ held fixed in log w. L̂'s own λ-dependence through
     log w, −Σ_j w̃_j ∇_λ log q(h_j|x), and θ's ordinary gradient are averaged over the L + 1
     trajectories (the draw and each layer's twin), each a draw from q."""
-    conditionals = nets.recognition.conditionals
-    trajectories = [trajectory(conditionals, x, key, settings.num_samples, flipped)
-                    for flipped in [None, *range(len(conditionals))]]
+    trajectories = [trajectory(nets.recognition, x, key, settings.num_samples, flipped)
+                    for flipped in [None, *range(len(nets.recognition.conditionals))]]
     surrogate, log_ws = 0.0, []
     for hidden, _, _ in trajectories:
         log_q = nets.recognition.log_prob(x, hidden)

@@ -7,28 +7,21 @@ import jax
 import jax.numpy as jnp
 
 from dgm_cli import objectives
-from dgm_cli.bernoulli import fires
 
 sg = jax.lax.stop_gradient
 
-RESOLUTION = 24  # bits of each uniform, as every draw from q takes (`dgm_cli.bernoulli`)
-
-
-def trajectory(conditionals, x, key, num_samples, flipped=None, unit=None):
-    """h ~ q(h|x) layer by layer from 24-bit uniforms u_l (`fires`), the layer `flipped` drawn from
-    1 − u_l instead: its antithetic twin. Every layer's uniforms follow from `key` alone, so two
-    trajectories differ only from the flipped layer on. `unit(b, a, u)`, if given, is what each layer
-    passes on for its draw b (the straight-through estimators' b with a surrogate derivative in a).
-    -> hidden [h_1, …], logits [a_1, …] and the uniforms [u_1, …] (the centres of their 2^-24 cells,
-    as `fires` compares them: b = 1[u < σ(a)]), each [K, B, size]."""
+def trajectory(recognition, x, key, num_samples, flipped=None, unit=None):
+    """h ~ q(h|x) layer by layer from uniforms u_l (`dgm_cli.units`: 24-bit for binary units), the
+    layer `flipped` drawn from 1 − u_l instead: its antithetic twin. Every layer's uniforms follow
+    from `key` alone, so two trajectories differ only from the flipped layer on. `unit(b, a, u)`, if
+    given, is what each layer passes on for its draw b (the straight-through estimators' b with a
+    surrogate derivative in a). -> hidden [h_1, …], logits [a_1, …] and uniforms [u_1, …], each [K, B, …]."""
     h, hidden, logits, uniforms = x, [], [], []
-    for index, conditional in enumerate(conditionals):
+    for index, (conditional, units) in enumerate(zip(recognition.conditionals, recognition.units)):
         a = conditional(h)
         shape = (num_samples, *a.shape) if index == 0 else a.shape
-        bits = jax.random.bits(jax.random.fold_in(key, index), shape, jnp.uint32) >> (32 - RESOLUTION)
-        bits = 2**RESOLUTION - 1 - bits if index == flipped else bits
-        h = fires(bits, jax.nn.sigmoid(a), RESOLUTION).astype(a.dtype)
-        a, u = jnp.broadcast_to(a, shape), (bits.astype(a.dtype) + 0.5) / 2**RESOLUTION
+        h, u = units.draw(jax.random.fold_in(key, index), a, shape, flipped=index == flipped)
+        a = jnp.broadcast_to(a, shape)
         h = h if unit is None else unit(h, a, u)
         hidden.append(h)
         logits.append(a)
@@ -45,7 +38,7 @@ class Settings(NamedTuple):
 
 class Nets(NamedTuple):
     generative: object   # helmholtz.Generative
-    recognition: object  # helmholtz.BernoulliChain
+    recognition: object  # helmholtz.StochasticChain
     baselines: object    # the estimator's own nets ψ: nvil's baselines, rebar's and relax's control variates, or None
 
 

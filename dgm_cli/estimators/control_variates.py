@@ -1,10 +1,12 @@
 """Learned control variates: REINFORCE less a relaxed copy of the objective, its parameters trained
 to minimise the estimator's variance (REBAR, RELAX).
 
-Every layer's draw b = 1[u < σ(a)] is the sign of a logistic variable z = a + log(1 − u) − log u.
-A control variate c(u) built from the relaxed units y = σ(z/τ) has the reparameterised gradient
-E[∇c(u)]; and, drawing u again given b (ũ, tied to u: the same value, written as a function of the
-hard chain's logits, as Tucker et al.'s code does), E[∇c(u)] = E[c(ũ) ∇ log q(b)] + E[∇c(ũ)]. So
+Every layer's draw b is the argmax of its logits plus noise (`dgm_cli.units`: b = 1[u < σ(a)] is
+the sign of z = a + log(1 − u) − log u; a categorical draw the argmax of a + Gumbel noise). A
+control variate c(u) built from the relaxed units y = σ(z/τ) (softmax(z/τ)) has the
+reparameterised gradient E[∇c(u)]; and, drawing the noise again given b (ũ, tied to u: the same
+value, written as a function of the hard chain's logits, as Tucker et al.'s code does),
+E[∇c(u)] = E[c(ũ) ∇ log q(b)] + E[∇c(ũ)]. So
 
     ĝ = ∇_λ [f(b) log q(b) − Σ_k w̃_k log q(b_k)] + η ⊙ ∇_λ [c(u) − c(ũ) − sg_λ(c(ũ)) log q(b)]
 
@@ -45,24 +47,16 @@ def relax_control(recognition, sizes, hidden, activation, settings, rngs):
     return RelaxedControl(len(jax.tree.leaves(recognition)), settings.temperature, residual)
 
 
-def _given_the_draw(u, b, a):
-    """u given b = 1[u < p], p = σ(a): ũ = v p if b, else p + v (1 − p), v = sg(u's place in its
-    interval); the value u, and a function of a (the hard chain's logits)."""
-    p = jax.nn.sigmoid(a)
-    below = sg(jnp.clip(u / jnp.maximum(p, 1e-30), 0.0, 1.0))
-    above = sg(jnp.clip((u - p) / jnp.maximum(1.0 - p, 1e-30), 0.0, 1.0))
-    return jnp.where(b > 0, below * p, p + above * (1.0 - p))
-
-
-def _relaxed_objective(generative, recognition, control, x, uniforms):
-    """c(u): L̂ of the relaxed units y_l = σ(z_l/τ), each layer's logits from the relaxed layer
-    below, their Bernoulli log-probabilities read at y; plus relax's r_ρ(x, y) averaged over K. [B]"""
+def _relaxed_objective(generative, recognition, control, x, noises):
+    """c: L̂ of the relaxed units y_l = relax(a_l + noise_l, τ) (σ or softmax), each layer's logits
+    from the relaxed layer below, their log-probabilities read at y; plus relax's r_ρ(x, y)
+    averaged over K. [B]"""
     temperature = jnp.exp(control.log_temperature[...])
     h, log_q, relaxed = x, 0.0, []
-    for conditional, u in zip(recognition.conditionals, uniforms):
+    for conditional, units, noise in zip(recognition.conditionals, recognition.units, noises):
         a = conditional(h)
-        h = jax.nn.sigmoid((a + jnp.log1p(-u) - jnp.log(u)) / temperature)
-        log_q = log_q + objectives.bernoulli_log_likelihood(h, a)
+        h = units.relax(a + noise, temperature)
+        log_q = log_q + units.log_prob(h, a)
         relaxed.append(h)
     c = objectives.log_mean_exp(generative.log_prob(x, relaxed) - log_q)
     if control.residual is not None:
@@ -72,7 +66,8 @@ def _relaxed_objective(generative, recognition, control, x, uniforms):
 
 
 def _controlled(nets, x, key, settings):
-    hidden, _, uniforms = trajectory(nets.recognition.conditionals, x, key, settings.num_samples)
+    hidden, _, uniforms = trajectory(nets.recognition, x, key, settings.num_samples)
+    units = nets.recognition.units
     log_p = nets.generative.log_prob(x, hidden)
     log_w = sg(log_p - nets.recognition.log_prob(x, hidden))  # [K, B]
     f = objectives.log_mean_exp(log_w)  # [B]
@@ -80,7 +75,7 @@ def _controlled(nets, x, key, settings):
 
     def log_q_and_logits(recognition):  # Σ_k log q(b_k|x) [B] and the hard chain's logits
         logits = [conditional(h) for conditional, h in zip(recognition.conditionals, [x, *hidden[:-1]])]
-        log_q = sum(objectives.bernoulli_log_likelihood(b, a) for b, a in zip(hidden, logits))  # [K, B]
+        log_q = sum(unit.log_prob(b, a) for unit, b, a in zip(units, hidden, logits))  # [K, B]
         return log_q, logits
 
     def score(recognition):
@@ -89,8 +84,9 @@ def _controlled(nets, x, key, settings):
 
     def control_variate(recognition, control):
         log_q, logits = log_q_and_logits(recognition)
-        tied = [_given_the_draw(u, b, a) for u, b, a in zip(uniforms, hidden, logits)]
-        c = _relaxed_objective(generative, recognition, control, x, uniforms)
+        noises = [unit.noise(u) for unit, u in zip(units, uniforms)]
+        tied = [unit.tied_noise(u, b, a) for unit, u, b, a in zip(units, uniforms, hidden, logits)]
+        c = _relaxed_objective(generative, recognition, control, x, noises)
         c_tied = _relaxed_objective(generative, recognition, control, x, tied)
         # The learning signal c(ũ) is a constant for λ but not for φ: Σ ĝ² depends on φ through it too.
         signal = _relaxed_objective(generative, sg(recognition), control, x, sg(tied))

@@ -2,8 +2,10 @@
 
 Generative net p(x, h | θ) = p(h_L) Π_l p(h_{l−1} | h_l), with h_0 = x: a sigmoid belief net of
 binary units, top prior Π_j Bern(σ(b_j)), each layer Bernoulli given the one above (its logits a
-linear map of the layer above, or an MLP through `deterministic_hidden` layers). Recognition net
-q(h | x, λ) = Π_l q(h_l | h_{l−1}): the mirror image, from the pixels up, a `BernoulliChain`.
+linear map of the layer above, or an MLP through `deterministic_hidden` layers, which p passes in
+the reverse order: 784 → 512 → 256 → h in q, h → 256 → 512 → 784 in p). Recognition net
+q(h | x, λ) = Π_l q(h_l | h_{l−1}): the mirror image, from the pixels up, a `StochasticChain`.
+The hidden units may instead be categorical (`dgm_cli.units`, `model=sbn` only); pixels are binary.
 
 Binary units are drawn by `dgm_cli.bernoulli`: 24-bit draws from q (their log q enters importance
 weights), 16-bit dreams for wake-sleep's sleep phase.
@@ -15,10 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dgm_cli import objectives
-from dgm_cli.bernoulli import bernoulli
+from dgm_cli import nets, objectives
 from dgm_cli.errors import DgmError, positive_ints
-from dgm_cli import nets
+from dgm_cli.units import Bernoulli
 
 
 def network_settings(config):
@@ -30,79 +31,91 @@ def network_settings(config):
     return layers, deterministic_hidden, nets.activation(config.activation)
 
 
-class BernoulliChain(nnx.Module):
-    """Layers of binary units, each Bernoulli given the one before: sizes[0] -> sizes[1] -> …"""
+class StochasticChain(nnx.Module):
+    """Layers of stochastic units, each drawn given the one before: widths[0] -> widths[1] -> …,
+    `units[i]` (`dgm_cli.units`) those of the layer widths[i + 1]."""
 
-    def __init__(self, sizes, deterministic_hidden, activation, *, rngs: nnx.Rngs):
+    def __init__(self, widths, units, deterministic_hidden, activation, *, rngs: nnx.Rngs):
         self.conditionals = nnx.List(
-            [nets.MLP([n_in, *deterministic_hidden, n_out], activation, rngs=rngs) for n_in, n_out in pairwise(sizes)]
+            [nets.MLP([n_in, *deterministic_hidden, n_out], activation, rngs=rngs) for n_in, n_out in pairwise(widths)]
         )
+        self.units = tuple(units)
 
-    def sample(self, h, key, num_samples: int | None = None, draw=bernoulli):
+    def sample(self, h, key, num_samples: int | None = None, draw=None):
         """Draw every layer after `h` in turn, `num_samples` times over a new leading axis if given
-        (h itself is not repeated: its logits are computed once). -> samples, total log-prob."""
+        (h itself is not repeated: its logits are computed once); binary layers by `draw(key, p, shape)`
+        if given. -> samples, total log-prob."""
         samples, log_prob = [], 0.0
-        for index, conditional in enumerate(self.conditionals):
+        for index, (conditional, units) in enumerate(zip(self.conditionals, self.units)):
             logits = conditional(h)
             shape = (num_samples, *logits.shape) if num_samples and index == 0 else logits.shape
-            h = draw(jax.random.fold_in(key, index), jax.nn.sigmoid(logits), shape).astype(logits.dtype)
-            log_prob = log_prob + objectives.bernoulli_log_likelihood(h, logits)
+            key_here = jax.random.fold_in(key, index)
+            if draw is None:
+                h = units.sample(key_here, logits, shape)
+            else:
+                h = draw(key_here, jax.nn.sigmoid(logits), shape).astype(logits.dtype)
+            log_prob = log_prob + units.log_prob(h, logits)
             samples.append(h)
         return samples, log_prob
 
     def log_prob(self, h, samples):
         """Σ_l log p(samples[l] | the layer before), starting from `h`."""
-        log_prob = 0.0
-        for conditional, sample in zip(self.conditionals, samples):
-            log_prob = log_prob + objectives.bernoulli_log_likelihood(sample, conditional(h))
-            h = sample
-        return log_prob
+        return sum(self.layer_log_probs(h, samples))
 
     def layer_log_probs(self, h, samples):
         """[log p(samples[0] | h), log p(samples[1] | samples[0]), …]: `log_prob` term by term."""
         terms = []
-        for conditional, sample in zip(self.conditionals, samples):
-            terms.append(objectives.bernoulli_log_likelihood(sample, conditional(h)))
+        for conditional, units, sample in zip(self.conditionals, self.units, samples):
+            terms.append(units.log_prob(sample, conditional(h)))
             h = sample
         return terms
 
 
 class Generative(nnx.Module):
-    """p(x, h): a factorised Bernoulli prior on the top layer, then a chain down to the pixels."""
+    """p(x, h): a factorised prior on the top layer (uniform at the start), then a chain down to the pixels."""
 
-    def __init__(self, data_dim, layers, deterministic_hidden, activation, *, rngs: nnx.Rngs):
-        self.prior_logits = nnx.Param(jnp.zeros(layers[-1]))
-        self.chain = BernoulliChain([*reversed(layers), data_dim], deterministic_hidden, activation, rngs=rngs)
+    def __init__(self, data_dim, widths, deterministic_hidden, activation, units, *, rngs: nnx.Rngs):
+        self.prior_logits = nnx.Param(jnp.zeros(widths[-1]))
+        self.units = units
+        self.chain = StochasticChain([*reversed(widths), data_dim], [units] * (len(widths) - 1) + [Bernoulli()],
+                                     list(reversed(deterministic_hidden)), activation, rngs=rngs)  # q's mirror
+
+    def _prior(self, top):
+        return self.units.log_prob(top, jnp.broadcast_to(self.prior_logits[...], top.shape))
 
     def log_prob(self, x, hidden):
-        """log p(x, h). hidden: [h_1, …, h_L] as q draws them (bottom up), each [..., size_l]."""
-        top = hidden[-1]
-        prior = objectives.bernoulli_log_likelihood(top, jnp.broadcast_to(self.prior_logits[...], top.shape))
-        return prior + self.chain.log_prob(top, [*reversed(hidden[:-1]), x])
+        """log p(x, h). hidden: [h_1, …, h_L] as q draws them (bottom up), each [..., width_l]."""
+        return self._prior(hidden[-1]) + self.chain.log_prob(hidden[-1], [*reversed(hidden[:-1]), x])
 
     def layer_log_probs(self, x, hidden):
         """[log p(x | h_1), log p(h_1 | h_2), …, log p(h_L)]: `log_prob` term by term, bottom up."""
         top = hidden[-1]
-        prior = objectives.bernoulli_log_likelihood(top, jnp.broadcast_to(self.prior_logits[...], top.shape))
-        return [*reversed(self.chain.layer_log_probs(top, [*reversed(hidden[:-1]), x])), prior]
+        return [*reversed(self.chain.layer_log_probs(top, [*reversed(hidden[:-1]), x])), self._prior(top)]
 
-    def sample(self, key, n: int, draw=bernoulli):
-        """Ancestral samples: -> x [n, D] and [h_1, …, h_L] (bottom up)."""
+    def sample(self, key, n: int, draw=None):
+        """Ancestral samples: -> x [n, D] and [h_1, …, h_L] (bottom up); binary layers by `draw` if given."""
         top_key, chain_key = jax.random.split(key)
-        top = draw(top_key, jax.nn.sigmoid(self.prior_logits[...]), (n, self.prior_logits.shape[0]))
-        below, _ = self.chain.sample(top.astype(jnp.float32), chain_key, draw=draw)
-        return below[-1], [*reversed(below[:-1]), top.astype(jnp.float32)]
+        shape = (n, self.prior_logits.shape[0])
+        logits = jnp.broadcast_to(self.prior_logits[...], shape)
+        if draw is None:
+            top = self.units.sample(top_key, logits, shape)
+        else:
+            top = draw(top_key, jax.nn.sigmoid(logits), shape).astype(jnp.float32)
+        below, _ = self.chain.sample(top, chain_key, draw=draw)
+        return below[-1], [*reversed(below[:-1]), top]
 
     def pixel_probabilities(self, h_1):
         return jax.nn.sigmoid(self.chain.conditionals[-1](h_1))
 
 
-def make_networks(key, data_dim: int, layers, deterministic_hidden, activation):
-    """(p(x, h), q(h | x)): the generative net and the recognition net of the mirror shape."""
+def make_networks(key, data_dim: int, layers, deterministic_hidden, activation, units=Bernoulli()):
+    """(p(x, h), q(h | x)): the generative net and the recognition net of the mirror shape, each
+    hidden layer `layers[l]` variables of `units`."""
     generative_key, recognition_key = jax.random.split(key)
-    generative = Generative(data_dim, layers, deterministic_hidden, activation, rngs=nnx.Rngs(generative_key))
-    recognition = BernoulliChain([data_dim, *layers], deterministic_hidden, activation,
-                                 rngs=nnx.Rngs(recognition_key))
+    widths = [units.width(size) for size in layers]
+    generative = Generative(data_dim, widths, deterministic_hidden, activation, units, rngs=nnx.Rngs(generative_key))
+    recognition = StochasticChain([data_dim, *widths], [units] * len(widths), deterministic_hidden, activation,
+                                  rngs=nnx.Rngs(recognition_key))
     return generative, recognition
 
 

@@ -7,6 +7,8 @@ K = 1 (`num_samples`), the importance-weighted bound for K > 1. θ gets the ordi
 Σ_k w̃_k ∇_θ log p(x, h_k); h is discrete, so ∇_λ has no reparameterisation and comes from
 `model.estimator` (`dgm_cli.estimators`: reinforce, nvil, vimco, rloo, arm, disarm, rebar, relax,
 concrete, straight_through, gumbel_st, reinmax; `rloo` trains the ELBO averaged over its K draws).
+The hidden units are binary, or categorical (`model.units=categorical`, `model.categories=C`: each
+of a layer's `layers[l]` variables one of C values, one-hot) for the estimators that apply to them.
 Validation, test and pictures always use the discrete model, whatever the estimator.
 """
 
@@ -19,13 +21,14 @@ from flax import nnx
 
 from dgm_cli import estimators, objectives
 from dgm_cli.errors import DgmError, choice, positive_float, positive_int, positive_ints, probability
-from dgm_cli.models.helmholtz import HelmholtzMachine, BernoulliChain, Generative, make_networks, network_settings
+from dgm_cli.models.helmholtz import HelmholtzMachine, StochasticChain, Generative, make_networks, network_settings
 from dgm_cli.optim import apply_gradients
+from dgm_cli.units import Bernoulli, Categorical
 
 
 class State(NamedTuple):
     generative: Generative
-    recognition: BernoulliChain
+    recognition: StochasticChain
     baselines: nnx.Module | None  # the estimator's own nets ψ: nvil's baselines, rebar's and relax's control variates
     stats: dict  # the estimator's running statistics (`estimators.init_stats`)
     generative_opt: optax.OptState
@@ -50,6 +53,16 @@ class SBN(HelmholtzMachine):
                                      if e.max_samples is None and not e.averaged_elbo))
             raise DgmError(f"{name} trains the ELBO with model.num_samples=1 (got {self.num_samples}); "
                            f"for the K-sample bound choose model.estimator from: {any_k}")
+        self.units = choice(config.units, {"bernoulli": Bernoulli(), "categorical": None}, "model.units")
+        if self.units is None:
+            categories = positive_int(config.categories, "model.categories")
+            if categories < 2:
+                raise DgmError(f"model.categories must be at least 2, got {categories}")
+            if not self.estimator.categorical:
+                works = ", ".join(sorted(n for n, e in estimators.ESTIMATORS.items() if e.categorical))
+                raise DgmError(f"{name} works on binary units only; for model.units=categorical choose "
+                               f"model.estimator from: {works}")
+            self.units = Categorical(categories)
         self.settings = estimators.Settings(
             num_samples=self.num_samples,
             baseline_decay=probability(config.baseline_decay, "model.baseline_decay"),
@@ -63,11 +76,12 @@ class SBN(HelmholtzMachine):
     def init(self, key) -> State:
         networks_key, baseline_key = jax.random.split(key)
         generative, recognition = make_networks(networks_key, self.data_dim, self.layers, self.deterministic_hidden,
-                                                self.activation)
+                                                self.activation, self.units)
         baselines = None  # ψ: nvil's baseline nets, rebar's and relax's control variates
         if self.estimator.controls is not None:
-            baselines = self.estimator.controls(recognition, [self.data_dim, *self.layers], self.baseline_hidden,
-                                                self.activation, self.settings, nnx.Rngs(baseline_key))
+            widths = [self.data_dim, *(self.units.width(size) for size in self.layers)]
+            baselines = self.estimator.controls(recognition, widths, self.baseline_hidden, self.activation,
+                                                self.settings, nnx.Rngs(baseline_key))
         return State(generative, recognition, baselines, estimators.init_stats(len(self.layers)),
                      self.generative_optimizer.init(generative), self.recognition_optimizer.init(recognition),
                      self.baselines_optimizer.init(baselines))

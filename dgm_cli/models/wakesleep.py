@@ -23,7 +23,7 @@ import optax
 from dgm_cli import objectives
 from dgm_cli.errors import DgmError, choice, positive_float, positive_int
 from dgm_cli.bernoulli import bernoulli, bernoulli_16bit
-from dgm_cli.models.helmholtz import HelmholtzMachine, BernoulliChain, Generative, make_networks, network_settings
+from dgm_cli.models.helmholtz import HelmholtzMachine, StochasticChain, Generative, make_networks, network_settings
 from dgm_cli.optim import apply_gradients
 
 Q_UPDATES = {"sleep": (True, False), "wake": (False, True), "both": (True, True)}  # (sleep, wake)
@@ -31,7 +31,7 @@ Q_UPDATES = {"sleep": (True, False), "wake": (False, True), "both": (True, True)
 
 class State(NamedTuple):
     generative: Generative
-    recognition: BernoulliChain
+    recognition: StochasticChain
     generative_opt: optax.OptState
     recognition_opt: optax.OptState
 
