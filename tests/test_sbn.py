@@ -348,6 +348,22 @@ def test_the_binary_concrete_density_is_normalised_and_fires_as_the_discrete_uni
     np.testing.assert_allclose(jnp.mean(draws > 0, 0), jax.nn.sigmoid(logits[0]), atol=4e-3)
 
 
+def test_the_exp_concrete_density_of_two_categories_is_the_binary_concretes_and_its_argmax_draws_the_softmax():
+    """With two categories s = (log σ(t), log σ(−t)), and the ExpConcrete's log-density at s is the
+    binary Concrete's at t with logit a₁ − a₂ (Maddison et al. 2017's density is over the simplex's
+    own coordinates: what matters to the relaxed bound is that q̄ and p̄ share it); it integrates to 1
+    over t; the argmax of draws falls on each category with the softmax's frequency."""
+    units, logits, temperature = Categorical(2), jnp.array([[0.7, -0.4]]), 0.5
+    t = jnp.linspace(-60, 60, 400_001)[:, None]
+    s = jnp.concatenate([jax.nn.log_sigmoid(t), jax.nn.log_sigmoid(-t)], -1)
+    ours = units.concrete_log_density(s, logits, temperature)
+    np.testing.assert_allclose(ours, Bernoulli().concrete_log_density(t, logits[:, :1] - logits[:, 1:], temperature),
+                               rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.sum(np.exp(np.asarray(ours, np.float64))) * 120 / 400_000, 1.0, atol=1e-3)
+    draws = units.concrete_draw(jax.random.key(0), logits, temperature, (200_000, 2))
+    np.testing.assert_allclose(jnp.mean(jnp.argmax(draws, -1) == 0), jax.nn.softmax(logits[0])[0], atol=4e-3)
+
+
 @pytest.mark.parametrize("layers,num_samples", [((3,), 1), pytest.param((3, 2), 4, marks=pytest.mark.slow)])
 def test_concrete_trains_a_finite_relaxed_bound_and_measures_the_discrete_model(layers, num_samples):
     model = make_model("concrete", layers, num_samples)
