@@ -88,9 +88,10 @@ def _controlled(nets, x, key, settings):
         tied = [unit.tied_noise(u, b, a) for unit, u, b, a in zip(units, uniforms, hidden, logits)]
         c = _relaxed_objective(generative, recognition, control, x, noises)
         c_tied = _relaxed_objective(generative, recognition, control, x, tied)
-        # The learning signal c(ũ) is a constant for λ but not for φ: Σ ĝ² depends on φ through it too.
-        signal = _relaxed_objective(generative, sg(recognition), control, x, sg(tied))
-        return jnp.mean(c - c_tied - signal * jnp.sum(log_q, 0))
+        # −c(ũ) ∇_λ log q(b) as the λ-gradient of −c(ũ) (log q − sg(log q)), zero in value: c(ũ) stays
+        # a function of φ (Σ ĝ² depends on φ through it too), and no third pass holds it fixed for λ.
+        log_q = jnp.sum(log_q, 0)
+        return jnp.mean(c - c_tied - c_tied * (log_q - sg(log_q)))
 
     score_gradient = jax.grad(score)(recognition)
     arrays = jax.tree.structure(score_gradient)
