@@ -25,8 +25,6 @@ sg = jax.lax.stop_gradient
 class Bernoulli:
     """Binary units, drawn from 24-bit uniforms as `dgm_cli.bernoulli` draws them."""
 
-    name = "bernoulli"
-
     def width(self, variables: int) -> int:
         return variables
 
@@ -81,7 +79,6 @@ class Categorical:
     """Variables of C categories each, one-hot; drawn by Gumbel-max from float32 uniforms."""
 
     categories: int
-    name = "categorical"
 
     def width(self, variables: int) -> int:
         return variables * self.categories
@@ -143,7 +140,3 @@ class Categorical:
 
     def concrete_value(self, s):
         return jnp.exp(s)
-
-
-def make_units(name: str, categories: int):
-    return Bernoulli() if name == "bernoulli" else Categorical(categories)
