@@ -12,6 +12,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from dgm_cli.errors import DgmError
+from dgm_cli.interrupts import uninterruptible
 
 policies = ocp.checkpoint_managers
 
@@ -34,7 +35,8 @@ class Checkpoints:
         )
         options = ocp.CheckpointManagerOptions(preservation_policy=keep, cleanup_tmp_directories=True)
         self.directory = directory
-        self._manager = ocp.CheckpointManager(directory.absolute(), options=options)
+        with uninterruptible():
+            self._manager = ocp.CheckpointManager(directory.absolute(), options=options)
         # On an accelerator the background write overlaps the device's next epoch for free; on a
         # CPU it takes cores from that epoch's matmuls (7% of the VAE's throughput, measured), so
         # there a save finishes before training goes on.
@@ -43,9 +45,10 @@ class Checkpoints:
     def save(self, epoch: int, state, validation_metric: float, record: dict) -> None:
         value = validation_metric if math.isfinite(validation_metric) else math.inf  # NaN never best
         args = ocp.args.Composite(state=ocp.args.StandardSave(_flat(state)), record=ocp.args.JsonSave(record))
-        self._manager.save(epoch, args=args, metrics={"validation": value, "epoch": epoch})
-        if not self._overlap_training:
-            self._manager.wait_until_finished()
+        with uninterruptible():  # a save cut short leaves Orbax's helper threads waiting (interrupts.py)
+            self._manager.save(epoch, args=args, metrics={"validation": value, "epoch": epoch})
+            if not self._overlap_training:
+                self._manager.wait_until_finished()
 
     def latest_epoch(self) -> int | None:
         return self._manager.latest_step()
@@ -65,7 +68,8 @@ class Checkpoints:
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), [flat[key] for key in template])
 
     def _restore(self, epoch: int, **items):
-        self._manager.wait_until_finished()
+        with uninterruptible():
+            self._manager.wait_until_finished()
         try:
             return self._manager.restore(epoch, args=ocp.args.Composite(**items))
         except Exception as error:  # Orbax and TensorStore raise many types for a damaged step
@@ -76,8 +80,9 @@ class Checkpoints:
             ) from None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        with uninterruptible():
+            self._manager.wait_until_finished()
+            self._manager.close()
 
     def __enter__(self):
         return self

@@ -10,7 +10,6 @@ import importlib.metadata
 import logging
 import os
 import shlex
-import signal
 import sys
 import traceback
 from importlib import resources
@@ -24,7 +23,8 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dgm_cli import settings
+from dgm_cli import interrupts, settings
+from dgm_cli.interrupts import Terminated
 from dgm_cli.errors import DgmError, install_command
 
 log = logging.getLogger(__name__)
@@ -447,15 +447,6 @@ def one_line(error: Exception) -> str:
     return "; ".join(lines) or type(error).__name__
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, a scheduler ending a job), raised wherever the process is, so that it
-    ends as Ctrl-C does: the checkpoints written, the tracker closed, where to go on said."""
-
-
-def _terminate(signum, frame):
-    raise Terminated()
-
-
 def _interrupted(command: str, interrupt: KeyboardInterrupt) -> str:
     """What an interrupted command leaves: the run, its checkpoints, the command that goes on."""
     how = "terminated" if isinstance(interrupt, Terminated) else "interrupted"
@@ -489,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
     # Hydra prints its own multi-line report of a bad config unless asked to raise; we raise and
     # turn it into one line, keeping the full traceback for those who set HYDRA_FULL_ERROR=1.
     wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
-    signal.signal(signal.SIGTERM, _terminate)
+    interrupts.install()
     logging.raiseExceptions = False  # a closed pipe (`| head`) must not make every log line a traceback
     _quiet_libraries()
     os.environ["HYDRA_FULL_ERROR"] = "1"

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from dgm_cli import cli, loop, report, rundir, steps
+from dgm_cli import cli, interrupts, loop, report, rundir, steps
 from dgm_cli.errors import DgmError
 from tests.conftest import QUICK
 from tests.test_cli import assert_one_line_error, dgm
@@ -176,13 +177,35 @@ def test_a_terminated_run_names_its_directory_and_the_resume_command(tmp_path):
     assert (run / "train.log").read_text().splitlines()[-1].endswith(line)
 
 
+@pytest.mark.parametrize("signum, exception", [(signal.SIGTERM, interrupts.Terminated), (signal.SIGINT, KeyboardInterrupt)])
+def test_a_signal_inside_a_checkpoint_write_is_raised_when_the_write_ends(signum, exception):
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    interrupts.install()
+    finished = []
+    try:
+        with pytest.raises(exception):
+            with interrupts.uninterruptible():
+                with interrupts.uninterruptible():  # nested, as a save inside a close would be
+                    os.kill(os.getpid(), signum)
+                    time.sleep(0.01)  # the handler runs here, and must not raise
+                    finished.append("inner")
+                finished.append("outer")
+        assert finished == ["inner", "outer"]
+        with pytest.raises(exception):  # outside a block, at once
+            os.kill(os.getpid(), signum)
+            time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+
+
 def test_an_interrupted_sweep_says_how_the_same_command_goes_on(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "_in_progress", [(tmp_path / "sweep" / "3", tmp_path / "sweep")])
     monkeypatch.setattr(cli, "_command", ["-m", "seed=0,1,2,3", "model.hidden=[200, 200]"])
     assert cli._interrupted("train", KeyboardInterrupt()) == (
         f"interrupted; {tmp_path}/sweep/3 had finished no epoch; go on with: dgm train resume={tmp_path}/sweep/3; "
         f"the whole sweep goes on with: dgm train -m seed=0,1,2,3 'model.hidden=[200, 200]' hydra.sweep.dir={tmp_path}/sweep")
-    assert cli._interrupted("eval", cli.Terminated()) == "terminated; nothing of this dgm eval was kept, and the runs are as they were"
+    assert cli._interrupted("eval", interrupts.Terminated()) == "terminated; nothing of this dgm eval was kept, and the runs are as they were"
 
 
 def test_the_data_a_killed_run_goes_on_with_must_be_its_own(make_config, tmp_path):
