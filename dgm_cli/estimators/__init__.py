@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 from dgm_cli.estimators.antithetic import arm, disarm
 from dgm_cli.estimators.base import Nets, Settings, init_stats
-from dgm_cli.estimators.control_variates import rebar, rebar_control, relax, relax_control
+from dgm_cli.estimators.control_variates import controlled, rebar_control, relax_control
 from dgm_cli.estimators.relaxed import concrete, gumbel_st, reinmax, straight_through
 from dgm_cli.estimators.score_function import baseline_nets, nvil, reinforce, rloo, vimco
 
@@ -49,8 +49,8 @@ ESTIMATORS = {
     "rloo": Estimator(rloo, 2, None, averaged_elbo=True),
     "arm": Estimator(arm, 1, None, categorical=False),
     "disarm": Estimator(disarm, 1, None, categorical=False),
-    "rebar": Estimator(rebar, 1, None, rebar_control),
-    "relax": Estimator(relax, 1, None, relax_control),
+    "rebar": Estimator(controlled, 1, None, rebar_control),  # the two differ in their control variate only
+    "relax": Estimator(controlled, 1, None, relax_control),
     "concrete": Estimator(concrete, 1, None),
     "straight_through": Estimator(straight_through, 1, None),
     "gumbel_st": Estimator(gumbel_st, 1, None),

@@ -39,10 +39,16 @@ class RelaxedControl(nnx.Module):
 
 
 def rebar_control(recognition, sizes, hidden, activation, settings, rngs):
+    """REBAR (Tucker et al. 2017): the control variate c(u) = L̂ of the binary-Concrete (or
+    Gumbel-softmax) relaxation at temperature τ; η and τ learned online to minimise the variance,
+    as the paper's dynamic REBAR."""
     return RelaxedControl(len(jax.tree.leaves(recognition)), settings.temperature, None)
 
 
 def relax_control(recognition, sizes, hidden, activation, settings, rngs):
+    """RELAX (Grathwohl et al. 2018): REBAR's structure with a free-form control variate
+    c_φ(u) = L̂ of the relaxation + r_ρ(x, y), r_ρ a net (`model.baseline_hidden`); η, τ and ρ
+    trained to minimise the variance."""
     residual = MLP([sum(sizes), *hidden, 1], activation, rngs=rngs)  # r_ρ of x and every layer's y
     return RelaxedControl(len(jax.tree.leaves(recognition)), settings.temperature, residual)
 
@@ -115,17 +121,8 @@ def _inner(gradient, module):
     return sum(jnp.sum(sg(g) * p) for g, p in zip(jax.tree.leaves(gradient), jax.tree.leaves(module), strict=True))
 
 
-def rebar(nets, stats, x, key, settings):
-    """REBAR (Tucker et al. 2017): the control variate c(u) = L̂ of the binary-Concrete relaxation
-    at temperature τ (`_controlled`); η and τ learned online to minimise the variance, as the
-    paper's dynamic REBAR. Unbiased."""
-    surrogate, metrics = _controlled(nets, x, key, settings)
-    return surrogate, (stats, metrics)
-
-
-def relax(nets, stats, x, key, settings):
-    """RELAX (Grathwohl et al. 2018): REBAR's structure with a free-form control variate
-    c_φ(u) = L̂ of the relaxation + r_ρ(x, y), r_ρ a net (`model.baseline_hidden`), η, τ and ρ
-    trained to minimise the variance. Unbiased."""
+def controlled(nets, stats, x, key, settings):
+    """REINFORCE less the learned control variate `nets.baselines` holds (`_controlled`): REBAR's
+    or RELAX's, as its factory built it. Unbiased."""
     surrogate, metrics = _controlled(nets, x, key, settings)
     return surrogate, (stats, metrics)
