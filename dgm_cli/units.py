@@ -21,6 +21,13 @@ RESOLUTION = 24  # bits of a binary unit's uniform, as every draw from q takes (
 sg = jax.lax.stop_gradient
 
 
+def cell_centres(bits, dtype):
+    """The uniforms u behind 24-bit `bits`, the centres of their cells. The top cell's, 1 − 2^-25,
+    rounds to 1 in float32, where the noise is −inf (and a relaxation's temperature gradient NaN:
+    REBAR on MNIST met it within 100 steps): it takes the float below 1."""
+    return jnp.minimum((bits.astype(dtype) + 0.5) / 2**RESOLUTION, 1.0 - 2.0**-RESOLUTION)
+
+
 @dataclass(frozen=True)  # compared by value: the units are static parts of the networks' pytrees
 class Bernoulli:
     """Binary units, drawn from 24-bit uniforms as `dgm_cli.bernoulli` draws them."""
@@ -41,7 +48,7 @@ class Bernoulli:
         bits = jax.random.bits(key, shape, jnp.uint32) >> (32 - RESOLUTION)
         bits = 2**RESOLUTION - 1 - bits if flipped else bits
         h = fires(bits, jax.nn.sigmoid(logits), RESOLUTION).astype(logits.dtype)
-        return h, (bits.astype(logits.dtype) + 0.5) / 2**RESOLUTION
+        return h, cell_centres(bits, logits.dtype)
 
     def noise(self, u):
         return jnp.log1p(-u) - jnp.log(u)  # logistic: h = 1[a + noise > 0]
@@ -54,11 +61,23 @@ class Bernoulli:
 
     def tied_noise(self, u, h, logits):
         """The noise again given the draw h, tied to u: ũ = v p if h else p + v (1 − p), p = σ(a),
-        v = sg(u's place in its interval); the value of `noise(u)`, a function of a."""
-        p = jax.nn.sigmoid(logits)
-        below = sg(jnp.clip(u / jnp.maximum(p, 1e-30), 0.0, 1.0))
-        above = sg(jnp.clip((u - p) / jnp.maximum(1.0 - p, 1e-30), 0.0, 1.0))
-        return self.noise(jnp.where(h > 0, below * p, p + above * (1.0 - p)))
+        v = sg(u's place in its interval); the value of `noise(u)`, a function of a. Both log ũ and
+        log(1 − ũ) are sums of positive terms in log σ(±a) (the place's complement 1 − v counted on
+        its own), as ũ itself rounds to 0 or 1, and its gradient cancels, where p nears them."""
+        log_p, log_not_p = jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
+        p, not_p = jnp.exp(log_p), jnp.exp(log_not_p)
+        beyond = jnp.where(logits > 0, not_p - (1.0 - u), u - p)  # u − p, from the smaller of p, 1 − p
+
+        def log_place(numerator, denominator):  # log sg(clip(n / d)), zero-safe
+            return jnp.log(sg(jnp.clip(numerator / denominator, 1e-30, 1.0)))
+
+        # fired: ũ = v p and 1 − ũ = (1 − p) + (1 − v) p, with v = u / p
+        fired = (jnp.logaddexp(log_not_p, log_place(-beyond, p) + log_p)
+                 - log_place(u, p) - log_p)
+        # silent: ũ = p + v (1 − p) and 1 − ũ = (1 − v)(1 − p), with v = (u − p) / (1 − p)
+        silent = (log_place(1.0 - u, not_p) + log_not_p
+                  - jnp.logaddexp(log_p, log_place(beyond, not_p) + log_not_p))
+        return jnp.where(h > 0, fired, silent)
 
     def concrete_draw(self, key, logits, temperature, shape):
         """The binary Concrete's pre-sigmoid s = (a + log u − log(1 − u)) / τ, reparameterised in a."""
@@ -111,18 +130,19 @@ class Categorical:
         return jnp.log(p)  # up to a constant per variable, which the softmax ignores
 
     def tied_noise(self, u, h, logits):
-        """The Gumbels again given the argmax k (Tucker et al. 2017, Appendix): with θ = log softmax(a),
-        z_k = −log(−log v_k) and z_i = −log(−log(v_i) e^{−θ_i} + e^{−z_k}) below it; v = sg of the
-        values that give back z = θ + noise(u). -> z − θ: the value of `noise(u)`, a function of a."""
+        """The Gumbels again given the argmax k (Tucker et al. 2017, Appendix): with θ = log softmax(a)
+        and z = θ + noise(u), the top z_k stays (its law given k does not depend on θ) and below it
+        z_i = −log(E_i e^{−θ_i} + e^{−z_k}), E_i = sg((e^{−z_i} − e^{−z_k}) e^{θ_i}) the exponential
+        that gives back z_i. In logs, as e^{−z} and −log v overflow or round where z is far from 0.
+        -> z − θ: the value of `noise(u)`, a function of a."""
         theta = jax.nn.log_softmax(self._split(logits))
         hot = self._split(h) > 0
-        z = theta + self._split(self.noise(u))
-        z_top = jnp.sum(jnp.where(hot, z, 0.0), -1, keepdims=True)
-        v = sg(jnp.where(hot, jnp.exp(-jnp.exp(-z)), jnp.exp(-(jnp.exp(-z) - jnp.exp(-z_top)) * jnp.exp(theta))))
-        top = -jnp.log(-jnp.log(jnp.where(hot, v, 0.5)))
-        top = jnp.sum(jnp.where(hot, top, 0.0), -1, keepdims=True)
-        tied = jnp.where(hot, top, -jnp.log(-jnp.log(v) * jnp.exp(-theta) + jnp.exp(-top)))
-        return self._join(tied - theta)
+        z = sg(theta + self._split(self.noise(u)))
+        top = jnp.max(jnp.where(hot, z, -jnp.inf), -1, keepdims=True)
+        gap = jnp.minimum(z - top, 0.0)  # ≤ 0 below the top; the top's own is unused
+        log_e = sg(theta) - z + jnp.log(-jnp.expm1(jnp.where(hot, -1.0, gap)))
+        below = -jnp.logaddexp(log_e - theta, -top)
+        return self._join(jnp.where(hot, top, below) - theta)
 
     def concrete_draw(self, key, logits, temperature, shape):
         """The ExpConcrete's s = log softmax((a + Gumbel noise) / τ), reparameterised in a."""

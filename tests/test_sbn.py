@@ -235,6 +235,31 @@ def test_categorical_draws_and_their_tied_noise_are_what_they_claim():
     assert bool(jnp.all(jnp.isfinite(derivative))) and float(jnp.abs(derivative).max()) > 0  # a function of a
 
 
+def test_the_noise_and_its_tied_copy_stay_finite_at_the_ends_of_their_range():
+    """Every uniform cell, the top one too, has finite logistic noise; and where σ(a) rounds to 0 or 1
+    the tied noise keeps the draw's value with finite derivatives (REBAR and RELAX went to NaN on
+    MNIST within 100 steps when the top cell's u rounded to 1)."""
+    from dgm_cli.units import RESOLUTION, cell_centres
+    units = Bernoulli()
+    u = cell_centres(jnp.array([0, 1, 2**RESOLUTION - 2, 2**RESOLUTION - 1], jnp.uint32), jnp.float32)
+    assert bool(jnp.all(jnp.isfinite(units.noise(u)))) and bool(jnp.all(jnp.diff(u) > 0))
+    logits = jnp.array([-40.0, -17.0, -3.0, 0.0, 3.0, 17.0, 40.0])
+    u, a = jnp.meshgrid(u, logits)
+    h = (u < jax.nn.sigmoid(a)).astype(jnp.float32)  # the draw these uniforms give
+    expected = units.noise(u)
+    tied = units.tied_noise(u, h, a)
+    consistent = jnp.sign(a + expected) == 2 * h - 1  # where float32 itself agrees on the draw
+    np.testing.assert_allclose(tied[consistent], expected[consistent], rtol=1e-4, atol=1e-4)
+    derivative = jax.grad(lambda a: jnp.sum(units.tied_noise(u, h, a)))(a)
+    assert bool(jnp.all(jnp.isfinite(tied))) and bool(jnp.all(jnp.isfinite(derivative)))
+    categorical = Categorical(2)
+    logits = jnp.array([[30.0, -30.0], [0.0, 0.0], [-30.0, 30.0]]).reshape(1, 6)
+    h, u = categorical.draw(jax.random.key(1), logits, (1000, 6))
+    derivative = jax.grad(lambda a: jnp.sum(categorical.tied_noise(u, h, jnp.broadcast_to(a, h.shape))))(logits)
+    assert bool(jnp.all(jnp.isfinite(categorical.tied_noise(u, h, jnp.broadcast_to(logits, h.shape)))))
+    assert bool(jnp.all(jnp.isfinite(derivative)))
+
+
 @pytest.mark.parametrize("estimator", sorted(n for n, e in estimators.ESTIMATORS.items() if e.categorical))
 def test_every_estimator_for_categorical_units_trains_digits_to_a_finite_test_nll(make_config, tmp_path, estimator):
     num_samples = max(2, estimators.ESTIMATORS[estimator].min_samples) if estimator in ("vimco", "rloo") else 1
