@@ -361,6 +361,13 @@ the runs have a k-curve and gradient diagnostics.
 """
 
 
+def gaps(args: list[str]) -> None:
+    from dgm_cli import runs
+
+    with _logging_to_terminal():
+        runs.gaps(args)
+
+
 def report(args: list[str]) -> None:
     if _wants_help(args):
         print(REPORT_USAGE, end="")
@@ -385,6 +392,7 @@ COMMANDS = {
     "train": (train, "train a model: dgm train [overrides]; `dgm train --help` lists the options"),
     "rerun": (rerun, "run a run's saved config again: dgm rerun RUN [overrides]"),
     "eval": (evaluate, "measure a run's best model on the test set again: dgm eval RUN [eval.num_samples=N]"),
+    "gaps": (gaps, "split a run's likelihood loss into approximation and amortisation gaps: dgm gaps RUN [images=1000]"),
     "sample": (sample, "draw from a run's best model into a PNG grid: dgm sample RUN [n=64] [seed=0]"),
     "report": (report, "tabulate the runs under a directory (a run, a sweep): dgm report DIR [--format latex]"),
 }

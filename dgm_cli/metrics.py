@@ -88,19 +88,34 @@ def read_evaluations(run_dir: Path) -> list[dict]:
 
 
 def best_measured(evaluations: list[dict], epoch: int) -> dict:
-    """Of the evaluations of `epoch`, the best measured: exact, else the most importance
-    samples; the latest among equals."""
-    of_epoch = [evaluation for evaluation in evaluations if evaluation["epoch"] == epoch]
+    """Of the importance-sampled (or exact) evaluations of `epoch` on the most test images (a
+    record from before dgm counted them was on all), the best measured: exact, else the most
+    importance samples; the latest among equals. AIS's figures are never chosen here."""
+    of_epoch = [evaluation for evaluation in evaluations
+                if evaluation["epoch"] == epoch and evaluation.get("method") != "ais"]
+    most = max((evaluation["images"] for evaluation in of_epoch if "images" in evaluation), default=None)
+    of_epoch = [evaluation for evaluation in of_epoch if evaluation.get("images", most) == most]
     return max(reversed(of_epoch), key=lambda evaluation: evaluation["num_samples"] or math.inf)
 
 
 def headline_figures(evaluation: dict) -> dict:
     """The keys of summary.json that an evaluation sets (a record from before dgm kept the
     evidence lacks some: they are None then)."""
-    return {"test_nll": evaluation["nll"], "test_nll_stderr": evaluation.get("nll_stderr"),
-            "test_nll_converged": evaluation.get("converged"), "test_nll_samples": evaluation["num_samples"],
-            "test_nll_seed": evaluation["seed"], "test_neg_elbo": evaluation["neg_elbo"],
-            "test_images": evaluation.get("test_images"), "test_per_image": evaluation.get("per_image")}
+    figures = {"test_nll": evaluation["nll"], "test_nll_stderr": evaluation.get("nll_stderr"),
+               "test_nll_method": evaluation.get("method", "exact" if evaluation["num_samples"] == 0 else "is"),
+               "test_nll_converged": evaluation.get("converged"), "test_nll_samples": evaluation["num_samples"],
+               "test_nll_seed": evaluation["seed"], "test_images": evaluation.get("test_images"),
+               "test_per_image": evaluation.get("per_image")}
+    if "neg_elbo" in evaluation:  # AIS measures log p(x) alone: the summary keeps the ELBO it had
+        figures["test_neg_elbo"] = evaluation["neg_elbo"]
+    return figures
+
+
+def annealed_figures(evaluation: dict) -> dict:
+    """The keys of summary.json that an AIS evaluation sets beside the headline."""
+    return {"test_nll_ais": evaluation["nll"], "test_nll_ais_stderr": evaluation["nll_stderr"],
+            "test_nll_ais_steps": evaluation["ais_steps"], "test_nll_ais_chains": evaluation["ais_chains"],
+            "test_nll_ais_images": evaluation.get("test_images"), "test_nll_ais_per_image": evaluation.get("per_image")}
 
 
 def write_atomically(path: Path, text: str) -> None:

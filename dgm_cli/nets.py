@@ -37,6 +37,15 @@ class MLP(nnx.Module):
         self.activation = activation
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        for layer in self.layers[:-1]:
+        return self.after_first(self.layers[0](x))
+
+    def after_first(self, pre: jax.Array) -> jax.Array:
+        """The net from the first layer's output (before its activation) on. The first layer is
+        affine, so a change of one input moves `pre` by that input's row of its kernel: what lets
+        a Gibbs update of one unit recompute only the rest."""
+        if len(self.layers) == 1:
+            return pre
+        x = self.activation(pre)
+        for layer in self.layers[1:-1]:
             x = self.activation(layer(x))
         return self.layers[-1](x)

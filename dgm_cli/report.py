@@ -15,7 +15,9 @@ DIR/report.csv, with the validation curve of every run in DIR/curves.png: one pa
 and validation metric, each named for what it is. Runs trained with `trainer.diagnostics_every` add the mean variance and
 signal-to-noise ratio of q's gradient estimates (averaged over the run's diagnosed epochs) to
 the table, and their course over training to DIR/gradients.png; runs with a k-curve (the test
-estimate from the first k samples) put it in DIR/convergence.png.
+estimate from the first k samples) put it in DIR/convergence.png. Runs measured by AIS as well
+(`eval.method=ais`) add that figure, and runs that `dgm gaps` measured their approximation and
+amortisation gaps.
 """
 
 import csv
@@ -34,7 +36,9 @@ from dgm_cli.metrics import read_evaluations, read_per_image, read_records
 COLUMNS = ["dataset", "config", "runs", "n", "test_nll", "test_nll_stderr", "test_nll_std", "test_nll_ci_low",
            "test_nll_ci_high", "test_nll_samples", "converged", "compared_with", "paired_difference",
            "paired_difference_stderr", "seed_difference", "seed_difference_ci_low", "seed_difference_ci_high",
-           "best_epoch", "wall_seconds", "train_examples_per_sec", "grad_variance", "grad_snr", "status"]
+           "best_epoch", "wall_seconds", "train_examples_per_sec", "grad_variance", "grad_snr", "test_nll_ais",
+           "test_nll_ais_stderr", "approximation_gap", "approximation_gap_stderr", "amortisation_gap",
+           "amortisation_gap_stderr", "status"]
 
 
 @dataclass
@@ -49,6 +53,7 @@ class Run:
     metric: str = "validation loss"  # what the curve's values are, in words
     k_curve: dict[int, float] = field(default_factory=dict)  # k -> test NLL from the first k samples
     seed: object = None  # the run's seed: runs of one seed are one draw, however often rerun
+    gaps: dict | None = None  # `dgm gaps`'s gaps.json, if it measured the run
 
     @property
     def per_image_nll(self) -> np.ndarray | None:
@@ -81,7 +86,8 @@ def load_run(path: Path) -> Run:
     return Run(path, overrides, summary, failure, curve, gradients, dataset=(config.get("dataset") or {}).get("name", "?"),
                metric=validation_metric(config.get("model") or {}),
                k_curve={int(k): value for k, value in headline.get("nll_by_samples", {}).items()},
-               seed=config.get("seed"))
+               seed=config.get("seed"),
+               gaps=json.loads((path / "gaps.json").read_text()) if (path / "gaps.json").is_file() else None)
 
 
 def validation_metric(model: dict) -> str:
@@ -156,12 +162,25 @@ def _aggregate(dataset: str, config: str, members: list[Run]) -> tuple[dict, np.
         "wall_seconds": _mean([s["wall_seconds"] for s in summaries]),
         "train_examples_per_sec": _mean([s["train_examples_per_sec"] for s in summaries]),
         **{name: _mean([r[name] for run in members for r in run.gradients]) for name in ("grad_variance", "grad_snr")},
+        **_measured_once_or_averaged([s.get("test_nll_ais") for s in summaries],
+                                     [s.get("test_nll_ais_stderr") for s in summaries], "test_nll_ais"),
+        **{key: value for gap in ("approximation_gap", "amortisation_gap") for key, value in _measured_once_or_averaged(
+            [run.gaps and run.gaps[gap]["mean"] for run in finished],
+            [run.gaps and run.gaps[gap]["stderr"] for run in finished], gap).items()},
         "status": ", ".join(f"{statuses.count(s)} {s}" for s in ("finished", "failed", "unfinished") if s in statuses),
         "_yardstick": (dataset, summaries[0].get("test_images"), summaries[0]["test_nll_samples"])
         if summaries and same_images and len({s["test_nll_samples"] for s in summaries}) == 1 else None,
         "_nlls": nlls,
     }
     return row, per_image
+
+
+def _measured_once_or_averaged(values: list, stderrs: list, name: str) -> dict:
+    """{name: the mean of the runs' figures, name_stderr: the one run's standard error}, both None
+    unless every run has the figure (a run's s.e. does not carry over to a mean of seeds)."""
+    if not values or None in values:
+        return {name: None, f"{name}_stderr": None}
+    return {name: _mean(values), f"{name}_stderr": stderrs[0] if len(values) == 1 else None}
 
 
 def _compare(rows: list[dict], per_image: list[np.ndarray | None]) -> None:
@@ -225,38 +244,49 @@ def describe_comparison(row: dict) -> str:
     return f"behind {row['compared_with']}: " + "; ".join(parts)
 
 
-def _format(row: dict, gradients: bool) -> list[str]:
+def _with_stderr(row: dict, name: str) -> str:
+    if row[name] is None:
+        return "–"
+    return f"{row[name]:.2f}" + (f" ± {row[f'{name}_stderr']:.2f}" if row[f"{name}_stderr"] is not None else "")
+
+
+# Columns shown only when some row has them: (headers, the row's cells, the key that says it has them).
+EXTRAS = [
+    (["q-gradient variance", "q-gradient SNR"],
+     lambda row: ["–" if row["grad_variance"] is None else f"{row['grad_variance']:.3g}", _number(row["grad_snr"], 3)],
+     "grad_variance"),
+    (["test NLL by AIS ± s.e. (nats)"], lambda row: [_with_stderr(row, "test_nll_ais")], "test_nll_ais"),
+    (["approximation gap ± s.e.", "amortisation gap ± s.e."],
+     lambda row: [_with_stderr(row, "approximation_gap"), _with_stderr(row, "amortisation_gap")], "approximation_gap"),
+]
+
+
+def _extras(rows: list[dict]) -> list:
+    return [extra for extra in EXTRAS if any(row[extra[2]] is not None for row in rows)]
+
+
+def _format(row: dict, extras: list) -> list[str]:
     how = (row["test_nll_samples"] or "") + (", not converged" if row["converged"] is False else "")
     nll = "–" if row["test_nll"] is None else f"{row['test_nll']:.2f}" + (
         f" ± {row['test_nll_stderr']:.2f}" if row["test_nll_stderr"] is not None else "") + f" ({how})"
     seeds = "–" if row["n"] < 2 else (f"{row['test_nll_std']:.2f}, n = {row['n']}, 95% CI "
                                       f"{row['test_nll_ci_low']:.2f} to {row['test_nll_ci_high']:.2f}")
-    cells = [row["dataset"], row["config"], str(row["runs"]), nll, seeds, describe_comparison(row),
-             _number(row["best_epoch"], 0), _number(row["wall_seconds"], 0), _number(row["train_examples_per_sec"], 0),
-             row["status"]]
-    if gradients:
-        cells[-1:-1] = ["–" if row["grad_variance"] is None else f"{row['grad_variance']:.3g}",
-                        _number(row["grad_snr"], 3)]
-    return cells
-
-
-def _has_gradients(rows: list[dict]) -> bool:
-    return any(row["grad_variance"] is not None for row in rows)
+    return [row["dataset"], row["config"], str(row["runs"]), nll, seeds, describe_comparison(row),
+            _number(row["best_epoch"], 0), _number(row["wall_seconds"], 0), _number(row["train_examples_per_sec"], 0),
+            *(cell for _, cells, _ in extras for cell in cells(row)), row["status"]]
 
 
 def _header(rows: list[dict]) -> list[str]:
-    header = ["dataset", "config (overrides)", "runs", "test NLL ± s.e. over images (nats)", "std over seeds",
-              "against the best", "best epoch", "wall s", "examples/s", "status"]
-    if _has_gradients(rows):
-        header[-1:-1] = ["q-gradient variance", "q-gradient SNR"]
-    return header
+    return ["dataset", "config (overrides)", "runs", "test NLL ± s.e. over images (nats)", "std over seeds",
+            "against the best", "best epoch", "wall s", "examples/s",
+            *(header for headers, _, _ in _extras(rows) for header in headers), "status"]
 
 
 def markdown(rows: list[dict], shared: set[str]) -> str:
     header = _header(rows)
     lines = [f"Every run: `{' '.join(sorted(shared))}`", ""] if shared else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_format(row, _has_gradients(rows))) + " |" for row in rows]
+    lines += ["| " + " | ".join(_format(row, _extras(rows))) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -272,7 +302,7 @@ def latex(rows: list[dict], shared: set[str]) -> str:
     lines = [f"% every run: {' '.join(sorted(shared))}"] if shared else []
     lines += [r"\begin{tabular}{ll" + "r" * (len(header) - 3) + "l}", r"\toprule",
               " & ".join(escape(cell) for cell in header) + r" \\", r"\midrule"]
-    lines += [" & ".join(escape(cell) for cell in _format(row, _has_gradients(rows))) + r" \\" for row in rows]
+    lines += [" & ".join(escape(cell) for cell in _format(row, _extras(rows))) + r" \\" for row in rows]
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
@@ -406,7 +436,7 @@ def _write_files(directory: Path, runs: list[Run], rows: list[dict], text: str, 
         writer.writerows(rows)
     plot_curves(runs, rows, directory / "curves.png")
     written = [name, "report.csv", "curves.png"]
-    if _has_gradients(rows):
+    if any(row["grad_variance"] is not None for row in rows):
         plot_gradients(runs, rows, directory / "gradients.png")
         written.append("gradients.png")
     if any(run.k_curve for run in runs):

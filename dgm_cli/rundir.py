@@ -51,17 +51,19 @@ def exclusive(run_dir: Path, command: str):
 
 
 def with_current_defaults(cfg):
-    """`cfg` with every model, trainer and dataset setting that dgm gained after it was saved, at
-    today's default (`configs/model/NAME.yaml`, `configs/trainer/default.yaml`, `configs/dataset/NAME.yaml`). New settings default to
+    """`cfg` with every model, trainer, dataset and eval setting that dgm gained after it was saved, at
+    today's default (`configs/model/NAME.yaml`, `configs/trainer/default.yaml`, `configs/dataset/NAME.yaml`,
+    the `eval` of `configs/train.yaml`). New settings default to
     what dgm did before they existed, so a run saved earlier reads as what it was, and can still
     be resumed, evaluated and compared. The settings `cfg` has are left as they are."""
     configs = resources.files("dgm_cli.configs")
     defaults = {"model": configs / "model" / f"{cfg.model.name}.yaml", "trainer": configs / "trainer" / "default.yaml",
                 "dataset": configs / "dataset" / f"{cfg.dataset.name}.yaml"}
     missing = {}
-    for group, path in defaults.items():
+    for group, path in {**defaults, "eval": configs / "train.yaml"}.items():
         if path.is_file():
             values = OmegaConf.to_container(OmegaConf.load(path))
+            values = values["eval"] if group == "eval" else values
             absent = {key: value for key, value in values.items() if key not in cfg[group] and key != "defaults"}
             if absent:
                 missing[group] = absent

@@ -12,11 +12,14 @@ import logging
 import math
 import threading
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
+
+from dgm_cli import annealing, refinement
 
 log = logging.getLogger(__name__)
 DRAW = 0x0b1a  # folded into a step's key for the draw of its batch's pixels
@@ -149,9 +152,62 @@ def curve_sample_counts(num_samples: int) -> tuple[int, ...]:
     return tuple(sorted(counts))
 
 
-def make_log_likelihood(model, num_samples: int, sample_batch: int):
+def make_annealed_log_likelihood(model, ais, sample_batch: int):
+    """(state, x [B, D], key) -> {"log_p": [B] log p(x) by annealed importance sampling, "log_ess"
+    [B] over the chains, "acceptance" [B]} (`dgm_cli.annealing`) and the B to call it with: at
+    most `sample_batch` (example, chain) pairs at once."""
+    def log_likelihood(state, x, key):
+        return annealing.log_likelihood(model.annealing_path(state, x.astype(jnp.float32)), key, ais)
+
+    return jax.jit(log_likelihood), max(1, sample_batch // ais.chains)
+
+
+class GapSettings(NamedTuple):
+    """What `dgm gaps` measures with: the refinement, the draws of each ELBO, log p(x)'s estimate."""
+    refine: refinement.Settings
+    elbo_samples: int  # draws from q (and from q*) for each image's ELBO
+    num_samples: int  # importance samples from q* for log p(x), unless by AIS
+    ais: annealing.Settings | None  # log p(x) by AIS instead
+
+
+def make_gaps(model, gaps: GapSettings, sample_batch: int):
+    """(state, x [B, D], key) -> per image {"elbo": L[q], "refined_elbo": L[q*], "log_p": log p(x),
+    "refine_gain": how much the refined ELBO rose over the last tenth of its steps} and the B to
+    call it with (`dgm gaps`; `dgm_cli.refinement`). Every draw comes in chunks of refine.samples
+    per image, so that B images refine together however many draws the estimates take."""
+    chunk = gaps.refine.samples
+
+    def log_sum_of_weights(state, x, key, count, offsets):  # log Σ w, Σ log w over `count` draws, [B] each
+        def add(sums, key):
+            log_w = model.log_weights(state, x, key, chunk, offsets)
+            return (jnp.logaddexp(sums[0], jax.nn.logsumexp(log_w, 0)), sums[1] + jnp.sum(log_w, 0)), None
+
+        start = (jnp.full(x.shape[0], -jnp.inf), jnp.zeros(x.shape[0]))
+        sums, _ = jax.lax.scan(add, start, jax.random.split(key, -(-count // chunk)))
+        return sums[0] - jnp.log(-(-count // chunk) * chunk), sums[1] / (-(-count // chunk) * chunk)
+
+    @jax.jit
+    def measure(state, x, key):
+        x = x.astype(jnp.float32)
+        refine_key, elbo_key, key = jax.random.split(key, 3)
+        offsets, curve = refinement.refine(model, state, x, refine_key, gaps.refine)
+        tenth = max(1, gaps.refine.steps // 10)
+        found = {"elbo": log_sum_of_weights(state, x, elbo_key, gaps.elbo_samples, None)[1],
+                 "refined_elbo": log_sum_of_weights(state, x, elbo_key, gaps.elbo_samples, offsets)[1],
+                 "refine_gain": jnp.mean(curve[-tenth:], 0) - jnp.mean(curve[-2 * tenth:-tenth], 0)}
+        if gaps.ais is None:
+            found["log_p"] = log_sum_of_weights(state, x, key, gaps.num_samples, offsets)[0]
+        else:
+            found["log_p"] = annealing.log_likelihood(model.annealing_path(state, x), key, gaps.ais)["log_p"]
+        return found
+
+    return measure, max(1, sample_batch // chunk)
+
+
+def make_log_likelihood(model, num_samples: int, sample_batch: int, refine=None):
     """(state, x [B, D], key) -> {"log_p": [B] log p(x)} and the B to call it with. Importance
-    sampled (`num_samples` samples each) it also gives, from the same draws, "log_p_by_k"
+    sampled (`num_samples` samples each, from q, or with `refine` from q refined for each example
+    first: `dgm_cli.refinement`) it also gives, from the same draws, "log_p_by_k"
     [B, len(curve_sample_counts)], the estimate from each example's first k samples, and
     "log_ess" [B], the log of the effective sample size (Σ w)² / Σ w². At most `sample_batch`
     (example, sample) pairs are evaluated at once, so memory stays bounded however many samples
@@ -166,13 +222,17 @@ def make_log_likelihood(model, num_samples: int, sample_batch: int):
     @jax.jit
     def log_likelihood(state, x, key):
         x = x.astype(jnp.float32)
+        offsets = None
+        if refine is not None:  # its own key: without it, the draws are those of plain IS
+            refine_key, key = jax.random.split(key)
+            offsets, _ = refinement.refine(model, state, x, refine_key, refine)
         keys = jax.random.split(key, full_chunks + 1)
 
         # Running sums in log space, over the samples drawn so far: log Σ_{i<k} w_i for every k
         # of the curve (the last is k = K, the estimate itself), and log Σ w_i² for the ESS.
         def add_chunk(sums, key, offset, size=chunk):
             prefix_sums, log_sum_squares = sums
-            log_w = model.log_weights(state, x, key, size)  # [size, B]
+            log_w = model.log_weights(state, x, key, size, offsets)  # [size, B]
             running = jax.lax.cumlogsumexp(log_w, axis=0)  # [size, B]: log Σ of the chunk's first i + 1
             taken = jnp.clip(counts - offset, 0, size)  # [C] samples of this chunk within each k
             in_prefix = jnp.where((taken > 0)[:, None], running[jnp.maximum(taken - 1, 0)], -jnp.inf)
@@ -214,10 +274,12 @@ def compiling(what: str):
 
 
 @functools.lru_cache(maxsize=8)  # compiled once for a model, however often it is evaluated
-def _batched_log_likelihood(model, num_samples: int, sample_batch: int, devices):
-    """-> (state, x [n, B, D], keys [n]) -> {name: [n, B, ...]} of `make_log_likelihood`, jitted,
-    and the batch size B."""
-    log_likelihood, batch_size = make_log_likelihood(model, num_samples, sample_batch)
+def _batched_log_likelihood(model, num_samples: int, sample_batch: int, devices, ais=None, refine=None, gaps=None):
+    """-> (state, x [n, B, D], keys [n]) -> {name: [n, B, ...]} of `make_log_likelihood` (of
+    `make_annealed_log_likelihood` with `ais`, of `make_gaps` with `gaps`), jitted, and the batch size B."""
+    log_likelihood, batch_size = (make_gaps(model, gaps, sample_batch) if gaps is not None
+                                  else make_log_likelihood(model, num_samples, sample_batch, refine) if ais is None
+                                  else make_annealed_log_likelihood(model, ais, sample_batch))
 
     @jax.jit
     def some_batches(state, x, keys):
@@ -227,12 +289,15 @@ def _batched_log_likelihood(model, num_samples: int, sample_batch: int, devices)
     return some_batches, devices.round_up(batch_size)
 
 
-def log_likelihoods(model, state, x: np.ndarray, key, num_samples: int, sample_batch: int, devices, progress: bool):
+def log_likelihoods(model, state, x: np.ndarray, key, num_samples: int, sample_batch: int, devices, progress: bool,
+                    ais=None, refine=None, gaps=None):
     """{"log_p": [N] log p(x), and when sampled "log_p_by_k" [N, C] and "log_ess" [N] (see
-    `make_log_likelihood`)} of every example of x [N, D] (on the host), in at most `CALLS` jitted calls,
+    `make_log_likelihood`; with `ais`, annealed: see `make_annealed_log_likelihood`)} of every
+    example of x [N, D] (on the host), in at most `CALLS` jitted calls,
     each a `lax.map` over batches of examples split over `devices`; the progress goes to a bar
     on a terminal and to the log every half minute, so that it shows under nohup and Slurm too."""
-    some_batches, batch_size = _batched_log_likelihood(model, num_samples, sample_batch, devices)
+    some_batches, batch_size = _batched_log_likelihood(model, num_samples, sample_batch, devices, ais, refine, gaps)
+    what = "gaps" if gaps is not None else "test log-likelihood" if ais is None else "AIS log-likelihood"
     size = x.shape[0]
     batches = -(-size // batch_size)
     keys = jax.random.split(key, batches)  # one per batch, however the batches are grouped
@@ -243,9 +308,9 @@ def log_likelihoods(model, state, x: np.ndarray, key, num_samples: int, sample_b
     keys = jnp.concatenate([keys, keys[: calls * per_call - batches]]).reshape(calls, per_call)
 
     results, started, logged = [], time.perf_counter(), time.perf_counter()
-    with compiling("the test pass"):  # the first call compiles (or loads) the program
+    with compiling("the test pass" if ais is None and gaps is None else f"the {what} pass"):  # the first call compiles (or loads) the program
         running = some_batches(state, devices.put(x[0]), keys[0])
-    for call in tqdm(range(calls), desc="test log-likelihood", leave=False, disable=None if progress else True):
+    for call in tqdm(range(calls), desc=what, leave=False, disable=None if progress else True):
         # The next call is queued before this one is waited for, so that the device never idles.
         queued = some_batches(state, devices.put(x[call + 1]), keys[call + 1]) if call + 1 < calls else None
         results.append({name: np.asarray(values).reshape(-1, *values.shape[2:]) for name, values in running.items()})
@@ -253,7 +318,7 @@ def log_likelihoods(model, state, x: np.ndarray, key, num_samples: int, sample_b
         now = time.perf_counter()
         if now - logged >= LOG_EVERY_SECONDS and call + 1 < calls:
             done = (call + 1) / calls
-            log.info("test log-likelihood: %d%% after %s, about %s left", round(100 * done),
+            log.info("%s: %d%% after %s, about %s left", what, round(100 * done),
                      _duration(now - started), _duration((now - started) * (1 - done) / done))
             logged = now
     return {name: np.concatenate([result[name] for result in results])[:size] for name in results[0]}

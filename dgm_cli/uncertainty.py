@@ -76,3 +76,18 @@ def summarise(evidence: dict, sample_counts: tuple[int, ...] | None) -> dict:
     return {**figures, "nll_by_samples": {str(k): value for k, value in curve.items()},
             "ess_over_k_median": float(np.median(ess_over_k)), "ess_over_k_p5": float(np.percentile(ess_over_k, 5)),
             "converged": converged, "convergence": why}
+
+
+def summarise_annealed(evidence: dict, chains: int) -> dict:
+    """The figures of an AIS pass (`steps.make_annealed_log_likelihood`): the NLL and its standard
+    error over images, the chains' effective sample size over C (median and 5th percentile over
+    images) and, where HMC moved the chains, its mean acceptance rate. AIS has no k-curve: its steps and chains say how it was
+    measured, and a second run with more steps says whether they sufficed."""
+    log_p = np.asarray(evidence["log_p"], np.float64)
+    ess_over_chains = np.exp(np.asarray(evidence["log_ess"], np.float64)) / chains
+    figures = {"nll": -float(np.mean(log_p)), "nll_stderr": standard_error(log_p),
+               "ess_over_chains_median": float(np.median(ess_over_chains)),
+               "ess_over_chains_p5": float(np.percentile(ess_over_chains, 5))}
+    if "acceptance" in evidence:  # HMC's; Gibbs accepts every move
+        figures["acceptance"] = float(np.mean(evidence["acceptance"]))
+    return figures

@@ -92,6 +92,14 @@ class Bernoulli:
     def concrete_value(self, s):
         return jax.nn.sigmoid(s)
 
+    def values(self):
+        """The values one variable takes, [V, its width]: 0 and 1 (what a Gibbs update chooses among)."""
+        return jnp.asarray([[0.0], [1.0]])
+
+    def value_log_probs(self, logits):
+        """log p of each value of each variable, [..., N, V]: log σ(−a), log σ(a)."""
+        return jnp.stack([jax.nn.log_sigmoid(-logits), jax.nn.log_sigmoid(logits)], -1)
+
 
 @dataclass(frozen=True)
 class Categorical:
@@ -160,3 +168,11 @@ class Categorical:
 
     def concrete_value(self, s):
         return jnp.exp(s)
+
+    def values(self):
+        """The values one variable takes, [C, C]: the one-hot vectors."""
+        return jnp.eye(self.categories)
+
+    def value_log_probs(self, logits):
+        """log p of each value of each variable, [..., N, C]."""
+        return jax.nn.log_softmax(self._split(logits))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dgm_cli import nets, objectives
+from dgm_cli import annealing, nets, objectives
 from dgm_cli.errors import DgmError, positive_ints
 from dgm_cli.units import Bernoulli
 
@@ -41,13 +41,14 @@ class StochasticChain(nnx.Module):
         )
         self.units = tuple(units)
 
-    def sample(self, h, key, num_samples: int | None = None, draw=None):
+    def sample(self, h, key, num_samples: int | None = None, draw=None, offsets=None):
         """Draw every layer after `h` in turn, `num_samples` times over a new leading axis if given
         (h itself is not repeated: its logits are computed once); binary layers by `draw(key, p, shape)`
-        if given. -> samples, total log-prob."""
+        if given; each layer's logits shifted by `offsets[l]` [B, width] if given (a per-example
+        refinement of the chain). -> samples, total log-prob."""
         samples, log_prob = [], 0.0
         for index, (conditional, units) in enumerate(zip(self.conditionals, self.units)):
-            logits = conditional(h)
+            logits = conditional(h) if offsets is None else conditional(h) + offsets[index]
             shape = (num_samples, *logits.shape) if num_samples and index == 0 else logits.shape
             key_here = jax.random.fold_in(key, index)
             if draw is None:
@@ -108,6 +109,73 @@ class Generative(nnx.Module):
         return jax.nn.sigmoid(self.chain.conditionals[-1](h_1))
 
 
+def _gibbs_layer(h, units, local, consumers, key):
+    """One Gibbs sweep over the variables of one layer h [C, B, W], in order, each drawn from its
+    conditional under the annealing target given everything else. `local` [C, B, N, V]: the part
+    of each variable's log-conditional that its own conditionals give (under p and under q: the
+    logits of this layer, fixed while it is swept); `consumers`: the conditionals that read this
+    layer, (MLP, what it predicts, its units, its weight β or 1 − β). Each consumer's first-layer
+    output is kept and moved by one kernel row per changed variable, and so is the log-probability
+    of what it predicts: a variable costs the rest of each consumer's net once for each value
+    other than its current one (once, for a binary unit), not a pass through every layer."""
+    values = units.values()  # [V, w]
+    count, width = values.shape
+    kernels = [mlp.layers[0].kernel[...] for mlp, _, _, _ in consumers]  # [W, H] each
+    pres = [mlp.layers[0](h) for mlp, _, _, _ in consumers]  # [C, B, H] each
+    fits = [target_units.log_prob(target, mlp.after_first(pre))  # [C, B] each, at the current h
+            for (mlp, target, target_units, _), pre in zip(consumers, pres)]
+
+    def update(carry, inputs):
+        h, pres, fits = carry
+        site, key = inputs
+        current = jax.lax.dynamic_slice_in_dim(h, site * width, width, axis=-1)  # [C, B, w]
+        index = jnp.argmax(current @ values.T, -1)  # [C, B]: which of the values it holds
+        candidates = (index[..., None] + jnp.arange(count)) % count  # [C, B, V], the current value first
+        change = values[candidates[..., 1:]] - current[..., None, :]  # [C, B, V − 1, w]: to each other value
+        local_site = jax.lax.dynamic_index_in_dim(local, site, axis=-2, keepdims=False)  # [C, B, V]
+        score = jnp.take_along_axis(local_site, candidates, -1)
+        rows = [jax.lax.dynamic_slice_in_dim(kernel, site * width, width, axis=0) for kernel in kernels]  # [w, H]
+        candidate_fits = []
+        for (mlp, target, target_units, weight), pre, row, fit in zip(consumers, pres, rows, fits):
+            logits = mlp.after_first(pre[..., None, :] + change @ row)  # [C, B, V − 1, out]
+            each = jnp.concatenate([fit[..., None], target_units.log_prob(target[..., None, :], logits)], -1)
+            score = score + weight * each
+            candidate_fits.append(each)
+        pick = jax.random.categorical(key, score)[..., None]  # [C, B, 1], of the candidates
+        new = values[jnp.take_along_axis(candidates, pick, -1)[..., 0]]  # [C, B, w]
+        h = jax.lax.dynamic_update_slice_in_dim(h, new, site * width, axis=-1)
+        pres = [pre + (new - current) @ row for pre, row in zip(pres, rows)]
+        fits = [jnp.take_along_axis(each, pick, -1)[..., 0] for each in candidate_fits]
+        return (h, pres, fits), None
+
+    sites = local.shape[-2]
+    (h, _, _), _ = jax.lax.scan(update, (h, pres, fits), (jnp.arange(sites), jax.random.split(key, sites)))
+    return h
+
+
+def gibbs_sweep(generative, recognition, x, hidden, beta, key):
+    """A sweep of single-site Gibbs updates over every hidden variable, bottom layer first, leaving
+    π_β(h) ∝ q(h|x)^(1−β) p(x, h)^β invariant (annealed importance sampling's transition). A
+    variable of layer l meets its own conditionals p(h_l | h_{l+1}) and q(h_l | h_{l−1}) and those
+    of the layers that read it, p(h_{l−1} | h_l) (h_0 = x) and q(h_{l+1} | h_l)."""
+    hidden, top = list(hidden), len(hidden) - 1
+    chain, below = generative.chain.conditionals, [x, *hidden]  # chain[j] reads h_{L−j}: top down
+    for layer, key in zip(range(top + 1), jax.random.split(key, top + 1)):
+        units = recognition.units[layer]
+        p_logits = (jnp.broadcast_to(generative.prior_logits[...], hidden[layer].shape) if layer == top
+                    else chain[top - 1 - layer](hidden[layer + 1]))
+        q_logits = recognition.conditionals[layer](below[layer])
+        local = beta * units.value_log_probs(p_logits) + (1.0 - beta) * units.value_log_probs(q_logits)
+        consumers = [(chain[top - layer], below[layer], generative.chain.units[top - layer], beta)]
+        if layer < top:
+            consumers.append((recognition.conditionals[layer + 1], hidden[layer + 1], recognition.units[layer + 1],
+                              1.0 - beta))
+        local = jnp.broadcast_to(local, hidden[layer].shape[:-1] + local.shape[-2:])
+        hidden[layer] = _gibbs_layer(hidden[layer], units, local, consumers, key)
+        below[layer + 1] = hidden[layer]
+    return hidden
+
+
 def make_networks(key, data_dim: int, layers, deterministic_hidden, activation, units=Bernoulli()):
     """(p(x, h), q(h | x)): the generative net and the recognition net of the mirror shape, each
     hidden layer `layers[l]` variables of `units`."""
@@ -130,9 +198,25 @@ class HelmholtzMachine:
     def log_likelihood(self, state, x, key, num_samples: int):
         return objectives.log_mean_exp(self.log_weights(state, x, key, num_samples))
 
-    def log_weights(self, state, x, key, num_samples: int):
-        hidden, log_q = state.recognition.sample(x, key, num_samples)
+    def log_weights(self, state, x, key, num_samples: int, offsets=None):
+        hidden, log_q = state.recognition.sample(x, key, num_samples, offsets=offsets)
         return state.generative.log_prob(x, hidden) - log_q  # [K, B]
+
+    def local_offsets(self, state, x):
+        """The local parameters of a refined q (`dgm_cli.refinement`): a shift of each layer's
+        logits for each example of x [B, D], zero (q itself) at the start."""
+        return [jnp.zeros((x.shape[0], conditional.layers[-1].kernel.shape[-1]))
+                for conditional in state.recognition.conditionals]
+
+    def refinement_objective(self, state, x, offsets, key, num_samples: int):
+        """(surrogate [B], ELBO [B]) of q shifted by `offsets`: the surrogate's gradient in the offsets is
+        an unbiased estimate of the ELBO's, by REINFORCE over K draws each baselined by the mean of the
+        other K − 1 (Kool et al. 2019); the discrete draws have no path for a reparameterised one."""
+        hidden, log_q = state.recognition.sample(x, key, num_samples, offsets=offsets)
+        f = jax.lax.stop_gradient(state.generative.log_prob(x, hidden) - log_q)  # [K, B]
+        baseline = (jnp.sum(f, 0) - f) / (num_samples - 1)
+        # ∇ E[log p − log q] = E[(f − b) ∇ log q] − E[∇ log q], the last zero: dropped.
+        return jnp.mean((f - baseline) * log_q, 0), jnp.mean(f, 0)
 
     def sample(self, state, key, n: int):
         _, hidden = state.generative.sample(key, n)
@@ -144,3 +228,16 @@ class HelmholtzMachine:
 
     def extra_pictures(self, state):
         return {}
+
+    def annealing_path(self, state, x):
+        """AIS's path for x [B, D] (`dgm_cli.annealing`): from q(h|x) to p(x, h) by Gibbs sweeps."""
+        def draw(key, chains):
+            return state.recognition.sample(x, key, chains)[0]
+
+        def log_densities(hidden):
+            return state.generative.log_prob(x, hidden), state.recognition.log_prob(x, hidden)
+
+        def sweep(hidden, beta, key):
+            return gibbs_sweep(state.generative, state.recognition, x, hidden, beta, key)
+
+        return annealing.Path(draw, log_densities, sweep)

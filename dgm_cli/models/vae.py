@@ -26,9 +26,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dgm_cli import objectives
+from dgm_cli import annealing, nets, objectives
 from dgm_cli.errors import DgmError, choice, positive_int, positive_ints
-from dgm_cli import nets
 from dgm_cli.optim import apply_gradients
 
 ACTIVE_UNIT_THRESHOLD = 1e-2  # Burda et al.: a unit is active when Cov_x(E_q[z_u]) exceeds it
@@ -172,12 +171,15 @@ class VAE:
         k = jax.random.randint(component_key, (n,), 0, mean.shape[0])
         return mean[k] + jnp.exp(0.5 * log_var[k]) * jax.random.normal(noise_key, (n, mean.shape[1]))
 
-    def _draw(self, networks, x, key, k) -> Draw:
+    def _draw(self, networks, x, key, k, offsets=None) -> Draw:
         """k samples z ~ q(z | x) through every layer, and every density term at them. The bottom
-        layer's noise comes from `key` itself, as in the one-layer VAE; layer l's from fold_in(key, l)."""
+        layer's noise comes from `key` itself, as in the one-layer VAE; layer l's from fold_in(key, l).
+        `offsets`: per layer, a shift of each example's (mean, log-variance) [B, L_l] (a refined q)."""
         h, latents, log_q, kls, posteriors = x, [], [], [], []
         for index, encoder in enumerate(networks.encoders()):
             mean, log_var = _split(encoder(h))
+            if offsets is not None:
+                mean, log_var = mean + offsets[index][0], log_var + offsets[index][1]
             shape = (k, *mean.shape) if index == 0 else mean.shape
             eps = jax.random.normal(key if index == 0 else jax.random.fold_in(key, index), shape)
             h = mean + jnp.exp(0.5 * log_var) * eps  # [k, B, L_l]
@@ -253,8 +255,18 @@ class VAE:
     def log_likelihood(self, state: State, x, key, num_samples: int):
         return objectives.log_mean_exp(self.log_weights(state, x, key, num_samples))
 
-    def log_weights(self, state: State, x, key, num_samples: int):
-        return self._log_weights(self._draw(state.nets, x, key, num_samples))
+    def log_weights(self, state: State, x, key, num_samples: int, offsets=None):
+        return self._log_weights(self._draw(state.nets, x, key, num_samples, offsets))
+
+    def local_offsets(self, state: State, x):
+        """The local parameters of a refined q (`dgm_cli.refinement`): a shift of every layer's mean
+        and log-variance for each example of x [B, D], zero (the encoder's q) at the start."""
+        return [(jnp.zeros((x.shape[0], size)), jnp.zeros((x.shape[0], size))) for size in self.latent_dims]
+
+    def refinement_objective(self, state: State, x, offsets, key, num_samples: int):
+        """(surrogate [B], ELBO [B]) of q shifted by `offsets`, the same: reparameterised."""
+        elbo = jnp.mean(self.log_weights(state, x, key, num_samples, offsets), 0)
+        return elbo, elbo
 
     def sample(self, state: State, key, n: int):
         prior_key, key = jax.random.split(key)
@@ -272,6 +284,25 @@ class VAE:
         if not self.vamp:
             return {}
         return {"pseudo_inputs": jnp.clip(state.nets.pseudo_inputs[...], 0.0, 1.0)}
+
+    def annealing_path(self, state: State, x):
+        """AIS's path for x [B, D] (`dgm_cli.annealing`): from q(z|x) to p(x, z) over every layer's z,
+        by HMC; q(z_1 | x) is computed once for the batch."""
+        networks = state.nets
+        posterior = networks.encode(x)  # [B, L_1] each
+
+        def draw(key, chains):
+            return self._draw(networks, x, key, chains).latents
+
+        def log_densities(latents):  # each [C, B, L_l]
+            log_q = objectives.gaussian_log_density(latents[0], *posterior)
+            log_p = objectives.bernoulli_log_likelihood(x, networks.decoder(latents[0]))
+            for encoder, decoder, z_below, z in zip(networks.upper_encoders, networks.upper_decoders, latents, latents[1:]):
+                log_q = log_q + objectives.gaussian_log_density(z, *_split(encoder(z_below)))
+                log_p = log_p + objectives.gaussian_log_density(z_below, *_split(decoder(z)))
+            return log_p + self._log_prior(networks, latents[-1]), log_q
+
+        return annealing.Path(draw, log_densities)
 
     def active_units(self, state: State, x, key):
         """Active units per stochastic layer, bottom first (Burda et al. 2016): those whose
