@@ -155,11 +155,14 @@ def curve_sample_counts(num_samples: int) -> tuple[int, ...]:
 def make_annealed_log_likelihood(model, ais, sample_batch: int):
     """(state, x [B, D], key) -> {"log_p": [B] log p(x) by annealed importance sampling, "log_ess"
     [B] over the chains, "acceptance" [B]} (`dgm_cli.annealing`) and the B to call it with: at
-    most `sample_batch` (example, chain) pairs at once."""
+    most `sample_batch` / 100 (example, chain) pairs at once."""
     def log_likelihood(state, x, key):
         return annealing.log_likelihood(model.annealing_path(state, x.astype(jnp.float32)), key, ais)
 
-    return jax.jit(log_likelihood), max(1, sample_batch // ais.chains)
+    # A chain's T transitions cost hundreds of IS draws: batches of a hundredth of sample_batch's
+    # pairs keep a batch's time near an IS batch's, so that the pass logs its progress and a
+    # Ctrl-C (which waits for the running call) takes effect within one batch.
+    return jax.jit(log_likelihood), max(1, sample_batch // (100 * ais.chains))
 
 
 class GapSettings(NamedTuple):
@@ -201,7 +204,7 @@ def make_gaps(model, gaps: GapSettings, sample_batch: int):
             found["log_p"] = annealing.log_likelihood(model.annealing_path(state, x), key, gaps.ais)["log_p"]
         return found
 
-    return measure, max(1, sample_batch // chunk)
+    return measure, max(1, sample_batch // (10 * chunk))  # a tenth: refinement's steps cost more than IS's draws
 
 
 def make_log_likelihood(model, num_samples: int, sample_batch: int, refine=None):
