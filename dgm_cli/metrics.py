@@ -98,6 +98,13 @@ def best_measured(evaluations: list[dict], epoch: int) -> dict:
     return max(reversed(of_epoch), key=lambda evaluation: evaluation["num_samples"] or math.inf)
 
 
+def best_annealed(evaluations: list[dict], epoch: int) -> dict:
+    """Of the AIS evaluations of `epoch`, the one on the most test images, then of the most steps ×
+    chains: the latest among equals (a quick AIS check never displaces a thorough one)."""
+    of_epoch = [evaluation for evaluation in evaluations if evaluation["epoch"] == epoch and evaluation.get("method") == "ais"]
+    return max(reversed(of_epoch), key=lambda e: (e["images"], e["ais_steps"] * e["ais_chains"]))
+
+
 def headline_figures(evaluation: dict) -> dict:
     """The keys of summary.json that an evaluation sets (a record from before dgm kept the
     evidence lacks some: they are None then)."""

@@ -86,7 +86,8 @@ sampling (eval.method=ais: eval.ais_steps, eval.ais_chains, and for continuous l
 eval.hmc_leapfrog_steps, eval.hmc_step_size, eval.hmc_target_acceptance); eval.num_images=N
 measures the first N test images only. Every evaluation is kept in RUN/evaluations.jsonl;
 summary.json reports the best importance-sampled one (exact, or the most samples), or this one
-with headline=true, and the latest AIS figure under test_nll_ais.
+with headline=true, and under test_nll_ais the AIS figure on the most images, then of the most
+steps × chains.
 """
 
 SAMPLE_USAGE = """usage: dgm sample RUN [n=64] [seed=S]
@@ -136,7 +137,7 @@ def evaluate(args: list[str]) -> None:
         headline = evaluation if options["headline"] else metrics.best_measured([*evaluations, evaluation], best_epoch)
         summary.update(metrics.headline_figures(headline))
         if settings.ais:
-            summary.update(metrics.annealed_figures(evaluation))
+            summary.update(metrics.annealed_figures(metrics.best_annealed([*evaluations, evaluation], best_epoch)))
         write_json_atomically(run / "summary.json", summary)
         how = ("AIS" if headline.get("method") == "ais" else f"{headline['num_samples']} samples"
                if headline["num_samples"] else "exact")

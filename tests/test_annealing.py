@@ -121,6 +121,10 @@ def test_dgm_train_and_eval_keep_ais_beside_the_importance_sampled_headline(tmp_
     after = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert after["test_nll"] == summary["test_nll"] and after["test_nll_ais_steps"] == 40  # IS stays the headline
     assert [r["method"] for r in read_evaluations(tmp_path / "run")] == ["is", "ais", "ais"]
+    quick = dgm("eval", "run", "eval.method=ais", "eval.ais_steps=5", "eval.ais_chains=3", "eval.num_images=40",
+                cwd=tmp_path)
+    assert quick.returncode == 0, quick.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["test_nll_ais_steps"] == 40  # kept: more steps
     report = dgm("report", "run", cwd=tmp_path)
     assert "test NLL by AIS" in report.stdout and f"{after['test_nll_ais']:.2f} ± " in report.stdout
 
