@@ -7,6 +7,7 @@ The other commands work on run directories that `dgm train` made.
 
 import contextlib
 import importlib.metadata
+import importlib.util
 import logging
 import os
 import shlex
@@ -56,7 +57,7 @@ def train_app(cfg) -> float | None:
     summary = _train_job(cfg)
     if summary is None:
         return None  # a failed job: Optuna's sweeper records a failed trial (see `run_train_app`)
-    return next(value for name, value in summary.items() if name.startswith("best_validation_"))
+    return _best_validation(summary)
 
 
 def _train_job(cfg) -> dict | None:
@@ -114,12 +115,10 @@ def _train_or_record_failure(loop, cfg, run_dir: Path, sweeping: bool, new: bool
     try:
         return loop.run(cfg, run_dir)
     except Exception as error:
-        message = one_line(error)
-        expected = isinstance(error, (DgmError, OmegaConfBaseException))  # the latter: a bad ${...}
+        message, expected = one_line(error), _expected(error)
         if expected and new and not sweeping and not (run_dir / "metrics.jsonl").exists():
             raise _Rejected(message) from None  # metrics.jsonl: the first epoch had begun
-        # The reason on the first line; below it, for a fault of dgm or a library, where it arose.
-        (run_dir / "FAILED").write_text(message + "\n" + ("" if expected else traceback.format_exc()))
+        _record_failure(run_dir, error)
         if sweeping:  # record it and let the sweep go on
             log.error("this job failed: %s", message)
             return None
@@ -127,6 +126,60 @@ def _train_or_record_failure(loop, cfg, run_dir: Path, sweeping: bool, new: bool
         if expected:
             raise SystemExit(f"dgm: error: {message}") from None
         raise
+
+
+def _expected(error: Exception) -> bool:
+    return isinstance(error, (DgmError, OmegaConfBaseException))  # the latter: a bad ${...}
+
+
+def _record_failure(run_dir: Path, error: Exception) -> None:
+    """RUN/FAILED: the reason on the first line; below it, for a fault of dgm or a library, where it arose."""
+    where = "" if _expected(error) else "".join(traceback.format_exception(error))
+    (run_dir / "FAILED").write_text(one_line(error) + "\n" + where)
+
+
+def train_group(jobs: list) -> list[float | None]:
+    """The jobs [(config, hydra config)] of a sweep that `dgm_cli.packing` trains as one group
+    (`hydra/launcher=packed`), each claimed as `dgm train` claims a job's run. -> per job its best
+    validation value, or None for a job that failed or was refused (the others go on)."""
+    from dgm_cli import packing, rundir  # heavy imports (JAX, TFDS) only once a job runs
+
+    _quiet_libraries()
+    values: list[float | None] = [None] * len(jobs)
+    with contextlib.ExitStack() as claims:
+        training = []
+        for index, (cfg, hydra_cfg) in enumerate(jobs):
+            run_dir = Path(hydra_cfg.runtime.output_dir)
+            try:
+                finished = claims.enter_context(rundir.claim_for_training(run_dir, cfg, hydra_cfg))
+            except rundir.RunRefused as error:  # the run stays exactly as it was
+                print(f"dgm: error: this job was refused: {error}", file=sys.stderr)
+                _failed_jobs.append(f"{run_dir}: {error}")
+                continue
+            trained_runs.append(run_dir)
+            if finished:
+                print(f"dgm: {run_dir} has finished already; nothing to do")
+                values[index] = _best_validation(finished)
+                continue
+            (run_dir / "FAILED").unlink(missing_ok=True)  # a failure this run may now make good
+            training.append(index)
+        if not training:
+            return values
+        run_dirs = [Path(jobs[index][1].runtime.output_dir) for index in training]
+        _in_progress[:] = [(run_dirs[0], Path(jobs[0][1].sweep.dir))]
+        outcomes = packing.train([jobs[index][0] for index in training], run_dirs, jobs[0][1].job_logging)
+        _in_progress.clear()
+        for index, run_dir, outcome in zip(training, run_dirs, outcomes):
+            if isinstance(outcome, Exception):
+                _record_failure(run_dir, outcome)
+            else:
+                values[index] = _best_validation(outcome)
+    return values
+
+
+def _best_validation(summary: dict) -> float:
+    """What a sweeper such as Optuna's minimises: the run's best validation value."""
+    return next(value for name, value in summary.items() if name.startswith("best_validation_"))
 
 
 def _writes_the_run(cfg) -> bool:
@@ -183,8 +236,20 @@ def train(args: list[str], replayed: list[str] = ()) -> None:
         raise DgmError(f"{len(_failed_jobs)} job(s) of the sweep failed, the others ran: " + "; ".join(_failed_jobs))
 
 
+def _show_own_plugins_to_hydra() -> None:
+    """dgm's launcher (`hydra/launcher=packed`, in hydra_plugins/dgm_launcher) in the namespace that
+    Hydra scans for plugins: an editable install's import finder maps it for `import`, but not
+    for the scan, which lists directories."""
+    import hydra_plugins
+
+    where = str(Path(importlib.util.find_spec("hydra_plugins.dgm_launcher").origin).parents[1])
+    if where not in list(hydra_plugins.__path__):
+        hydra_plugins.__path__.append(where)
+
+
 def run_train_app(args: list[str], replayed: list[str] = ()) -> None:
     """The `train` Hydra app on `args`, as the command line gives them."""
+    _show_own_plugins_to_hydra()
     _replayed[:] = replayed
     _failed_jobs.clear()
     trained_runs.clear()
@@ -216,7 +281,8 @@ def run_train_app(args: list[str], replayed: list[str] = ()) -> None:
 
 # What may differ when a run goes on: where and how it runs and what it measures on the side,
 # not what it trains.
-RESUME_OVERRIDES = ("distributed.", "trainer.progress=", "cache_dir=", "trainer.diagnostics_", "logger.")
+RESUME_OVERRIDES = ("distributed.", "trainer.progress=", "cache_dir=", "trainer.diagnostics_", "logger.",
+                    "trainer.pack_size=")
 
 
 def _train_arguments(args: list[str]) -> list[str]:

@@ -37,13 +37,23 @@ def positive_ints(values, name: str) -> list[int]:
     return [positive_int(value, f"every entry of {name}") for value in values]
 
 
+def per_job(value) -> bool:
+    """A number that differs between the jobs of a packed group (`dgm_cli.packing`): inside the
+    group's vmapped program it is a JAX array, each job's value checked as a number before."""
+    return hasattr(value, "aval")
+
+
 def non_negative_float(value, name: str) -> float:
+    if per_job(value):
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
         raise DgmError(f"{name} must be a non-negative number, got {value!r}")
     return float(value)
 
 
 def positive_float(value, name: str) -> float:
+    if per_job(value):
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise DgmError(f"{name} must be a positive number, got {value!r}")
     return float(value)

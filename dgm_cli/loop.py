@@ -170,16 +170,55 @@ def _check_finite(losses, epoch: int, steps_per_epoch: int, checkpoints: Checkpo
         )
 
 
+def record_epoch(model, epoch: int, step_metrics: dict, seconds: float, validation: dict, state, history: History,
+                 settings: Settings, checkpoints: Checkpoints, metrics_log: MetricsLog, record: dict,
+                 diagnose=None) -> dict:
+    """The end of a trained epoch, alone or in a packed group (`dgm_cli.packing`): stop at a
+    non-finite loss, log the epoch's train and validation figures (and `diagnose()`'s, on the
+    epochs of trainer.diagnostics_every), update `history` and checkpoint `state` with `record`.
+    `step_metrics`: the epoch's per-step metrics on the host. -> the train figures."""
+    steps_per_epoch = len(step_metrics["loss"])
+    _check_finite(step_metrics["loss"], epoch, steps_per_epoch, checkpoints)
+    rate = steps_per_epoch * settings.batch_size / seconds
+    step = epoch * steps_per_epoch
+    train = {name: float(np.mean(values)) for name, values in step_metrics.items()}
+    metrics_log.write("train", epoch, step, {**train, "examples_per_sec": rate, "seconds": seconds})
+    validation = {name: float(value) for name, value in validation.items()}
+    metrics_log.write("validation", epoch, step, validation)
+    if diagnose and epoch % settings.diagnostics_every == 0:
+        found = diagnose()
+        metrics_log.write("diagnostics", epoch, step, found)
+        log.info("epoch %d: %s", epoch, steps.describe_diagnostics(found, settings.diagnostics_estimates))
+
+    value = validation[model.selection_metric]
+    history.epoch = epoch
+    history.examples_per_sec.append(rate)
+    if value < history.best_value - settings.min_delta:
+        history.best_epoch, history.best_value = epoch, value
+    # Only the best epoch competes to be kept as the best: with trainer.min_delta a lower
+    # validation value need not count as better.
+    checkpoints.save(epoch, state, value if history.best_epoch == epoch else math.inf,
+                     {**record, "history": dataclasses.asdict(history)})
+    log.info("epoch %d/%d: train loss %.3f, validation %s %.3f, %.0f examples/s",
+             epoch, settings.epochs, train["loss"], model.selection_metric, value, rate)
+    return train
+
+
+def fixed_diagnostics_batch(splits, keys: Keys, settings: Settings, dynamic: bool) -> dict:
+    """The one training batch on which the diagnostics measure the estimator's noise."""
+    fixed_batch = jax.tree.map(lambda array: array[: settings.batch_size], splits["train"])
+    if dynamic:  # drawn once, from grey levels
+        fixed_batch = {**fixed_batch, "x": steps.draw_pixels(fixed_batch["x"], keys.diagnostics)}
+    return fixed_batch
+
+
 def train_epochs(model, train_epoch, state, history, splits, keys, settings, devices, checkpoints, metrics_log, record,
                  dynamic: bool = False):
     """Every epoch after `history.epoch`: train (one call of the compiled `train_epoch`),
     validate, checkpoint with `record`, log. `dynamic`: the train split holds grey levels."""
-    steps_per_epoch = splits["train"]["x"].shape[0] // settings.batch_size
     evaluate = steps.make_evaluate(model, settings.eval_batch_size, devices)
     diagnose = settings.diagnostics_every and steps.make_diagnostics(model, settings.diagnostics_estimates, devices)
-    fixed_batch = jax.tree.map(lambda array: array[: settings.batch_size], splits["train"])  # the gradients'
-    if dynamic:  # drawn once: the diagnostics measure the estimator's noise on one fixed batch
-        fixed_batch = {**fixed_batch, "x": steps.draw_pixels(fixed_batch["x"], keys.diagnostics)}
+    fixed_batch = fixed_diagnostics_batch(splits, keys, settings, dynamic)
     bar = tqdm(range(history.epoch + 1, settings.epochs + 1), desc="epochs", initial=history.epoch,
                total=settings.epochs, disable=None if settings.progress else True)
     for epoch in bar:
@@ -191,34 +230,20 @@ def train_epochs(model, train_epoch, state, history, splits, keys, settings, dev
         state, step_metrics = train_epoch(state, splits["train"], jax.random.fold_in(keys.train, epoch))
         step_metrics = jax.device_get(step_metrics)  # the epoch's one host transfer
         seconds = time.perf_counter() - started
-        _check_finite(step_metrics["loss"], epoch, steps_per_epoch, checkpoints)
-        rate = steps_per_epoch * settings.batch_size / seconds
-        step = epoch * steps_per_epoch
-        train = {name: float(np.mean(values)) for name, values in step_metrics.items()}
-        metrics_log.write("train", epoch, step, {**train, "examples_per_sec": rate, "seconds": seconds})
         validation = evaluate(state, splits["validation"], jax.random.fold_in(keys.validation, epoch))
-        validation = {name: float(value) for name, value in validation.items()}
-        metrics_log.write("validation", epoch, step, validation)
-        if diagnose and epoch % settings.diagnostics_every == 0:
-            found = diagnose(state, fixed_batch, splits["validation"], jax.random.fold_in(keys.diagnostics, epoch))
-            metrics_log.write("diagnostics", epoch, step, found)
-            log.info("epoch %d: %s", epoch, steps.describe_diagnostics(found, settings.diagnostics_estimates))
+        diagnostics = diagnose and (lambda: diagnose(state, fixed_batch, splits["validation"],
+                                                     jax.random.fold_in(keys.diagnostics, epoch)))
+        train = record_epoch(model, epoch, step_metrics, seconds, validation, state, history, settings, checkpoints,
+                             metrics_log, record, diagnostics)
+        bar.set_postfix(loss=f"{train['loss']:.2f}", validation=f"{float(validation[model.selection_metric]):.2f}",
+                        best=history.best_epoch)
+    check_trained(model, history)
+    return state
 
-        value = validation[model.selection_metric]
-        history.epoch = epoch
-        history.examples_per_sec.append(rate)
-        if value < history.best_value - settings.min_delta:
-            history.best_epoch, history.best_value = epoch, value
-        # Only the best epoch competes to be kept as the best: with trainer.min_delta a lower
-        # validation value need not count as better.
-        checkpoints.save(epoch, state, value if history.best_epoch == epoch else math.inf,
-                         {**record, "history": dataclasses.asdict(history)})
-        bar.set_postfix(loss=f"{train['loss']:.2f}", validation=f"{value:.2f}", best=history.best_epoch)
-        log.info("epoch %d/%d: train loss %.3f, validation %s %.3f, %.0f examples/s",
-                 epoch, settings.epochs, train["loss"], model.selection_metric, value, rate)
+
+def check_trained(model, history: History) -> None:
     if history.best_epoch is None:
         raise DgmError(f"validation {model.selection_metric} was never finite; nothing to evaluate")
-    return state
 
 
 def evaluate_test(model, state, test_data: dict, key, settings, devices) -> tuple[dict, np.ndarray]:
@@ -361,18 +386,45 @@ def _resume(checkpoints: Checkpoints, record: dict, like):
 _process_started = psutil.Process().create_time()  # the first run's start-up counts the imports
 
 
-def run(cfg, run_dir: Path) -> dict:
-    """Train `cfg.model` on `cfg.dataset` in `run_dir` (or go on where a killed run stopped),
-    evaluate the best epoch on the test set, and write everything into `run_dir`."""
+def startup_began() -> float:
+    """When this run's start-up began: the process's start for the first run of a process, whose
+    start-up counts the imports, now for any later one."""
     global _process_started
-    started_at, _process_started = _process_started or time.time(), None
-    started = time.perf_counter()
-    if (run_dir / "summary.json").is_file():  # finished already: nothing to do
-        return OmegaConf.to_container(OmegaConf.load(run_dir / "summary.json"))
+    began, _process_started = _process_started or time.time(), None
+    return began
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """A run's config made ready to train: its settings checked, its data loaded, its model built."""
+
+    cfg: object
+    settings: Settings
+    data: data_lib.Data
+    model: object
+    devices: runtime.Devices
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.data.train) // self.settings.batch_size
+
+    @property
+    def keys(self) -> Keys:
+        return Keys.from_seed(self.cfg.seed)
+
+    def record(self) -> dict:
+        """What every checkpoint of the run saves beside its state, and what a resume checks."""
+        return {"config": training_config(self.cfg), "spec": dataclasses.asdict(self.data.spec),
+                "data_fingerprint": self.data.fingerprint()}
+
+
+def set_up(cfg, data: data_lib.Data | None = None) -> Setup:
+    """Check `cfg`, load its data (or take `data`, already loaded for it) and build its model,
+    saying what will run. A bad setting raises DgmError before any work."""
     cfg = with_current_defaults(cfg)  # a resumed run saved before a setting existed lacks it
     cache_dir = runtime.configure(cfg)
     settings = Settings.from_config(cfg)
-    data = data_lib.load(cfg.dataset, cache_dir and cache_dir / "data")
+    data = data or data_lib.load(cfg.dataset, cache_dir and cache_dir / "data")
     if settings.batch_size is None:
         settings = dataclasses.replace(settings, batch_size=len(data.train))
     if settings.batch_size > len(data.train):
@@ -385,75 +437,99 @@ def run(cfg, run_dir: Path) -> dict:
                        f"model={cfg.model.name} has none, so leave trainer.diagnostics_every=0")
     devices = runtime.Devices(settings.data_parallel, {"trainer.batch_size": settings.batch_size,
                                                        "eval.batch_size": settings.eval_batch_size})
-    steps_per_epoch = len(data.train) // settings.batch_size
+    setup = Setup(cfg, settings, data, model, devices)
     log.info("%s on %s: %d train / %d validation / %d test examples of %d pixels, %d steps per epoch",
              cfg.model.name, cfg.dataset.name, len(data.train), len(data.validation), len(data.test),
-             data.dim, steps_per_epoch)
-
+             data.dim, setup.steps_per_epoch)
     if data.dynamic:
         log.info("the training images are binarised afresh every epoch (dataset.binarize=dynamic)")
-    device_names = describe_devices(devices)
-    log.info("computing on %d device(s): %s", len(device_names), ", ".join(device_names))
+    log.info("computing on %d device(s): %s", len(describe_devices(devices)), ", ".join(describe_devices(devices)))
+    return setup
 
+
+def start(setup: Setup, checkpoints: Checkpoints, record: dict):
+    """(state, History): the run's initial state, or where its latest checkpoint left it."""
+    state = jax.jit(setup.model.init)(setup.keys.init)
+    state, history = _resume(checkpoints, record, like=state) or (state, History())
+    return setup.devices.put(state), history
+
+
+def run(cfg, run_dir: Path) -> dict:
+    """Train `cfg.model` on `cfg.dataset` in `run_dir` (or go on where a killed run stopped),
+    evaluate the best epoch on the test set, and write everything into `run_dir`."""
+    started_at = startup_began()
+    started = time.perf_counter()
+    if (run_dir / "summary.json").is_file():  # finished already: nothing to do
+        return OmegaConf.to_container(OmegaConf.load(run_dir / "summary.json"))
+    setup = set_up(cfg)
+    model, settings, data, devices, keys = setup.model, setup.settings, setup.data, setup.devices, setup.keys
     primary = jax.process_index() == 0  # of several hosts, one writes the run's files
     run_dir.mkdir(parents=True, exist_ok=True)
-    keys = Keys.from_seed(cfg.seed)
     splits = devices.put({split: data.batches()[split] for split in ("train", "validation")})  # test: later
-    record = {"config": training_config(cfg), "spec": dataclasses.asdict(data.spec),
-              "data_fingerprint": data.fingerprint()}
+    record = setup.record()
     with Checkpoints(run_dir / "checkpoints") as checkpoints:
-        state = jax.jit(model.init)(keys.init)
-        state, history = _resume(checkpoints, record, like=state) or (state, History())
-        state = devices.put(state)
+        state, history = start(setup, checkpoints, record)
         # Compiled ahead, so that no epoch's time includes compiling.
         with steps.compiling("the training epoch"):
             train_epoch = steps.make_train_epoch(model, settings.batch_size, devices, data.dynamic).lower(
                 state, splits["train"], keys.train).compile()
         record["startup_seconds"] = time.time() - started_at
-        with trackers.tracking(cfg, run_dir, history.epoch * steps_per_epoch, primary) as tracker:
+        with trackers.tracking(setup.cfg, run_dir, history.epoch * setup.steps_per_epoch, primary) as tracker:
             with MetricsLog(run_dir, history.epoch, primary, tracker) as metrics_log, logging_redirect_tqdm():
                 state = train_epochs(model, train_epoch, state, history, splits, keys, settings, devices,
                                      checkpoints, metrics_log, record, data.dynamic)
-                state = checkpoints.restore(history.best_epoch, like=state)
-                test_data = test_images(data.batches()["test"], settings)
-                test, evaluation, per_image = test_evaluation(model, state, test_data, cfg.seed,
-                                                              history.best_epoch, settings, devices, "dgm train")
-                metrics_log.write("test", history.best_epoch, history.best_epoch * steps_per_epoch,
-                                  {name: value for name, value in test.items() if isinstance(value, float)})
-                annealed = None  # eval.method=ais: its record, beside the headline's
-                if settings.ais:
-                    annealed, annealed_per_image = ais_evaluation(model, state, test_data, cfg.seed,
-                                                                     history.best_epoch, settings, devices, "dgm train")
-            if primary:
-                evaluation = metrics.append_evaluation(run_dir, evaluation, per_image)
-                if annealed:
-                    annealed = metrics.append_evaluation(run_dir, annealed, annealed_per_image)
-            pictures = save_pictures(model, state, data.test, data.image_shape, keys, settings.num_pictures, run_dir,
-                                     primary)
-            summary = {
-                "model": cfg.model.name,
-                "dataset": cfg.dataset.name,
-                **metrics.headline_figures(evaluation),
-                **(metrics.annealed_figures(annealed) if annealed else {}),
-                "best_epoch": history.best_epoch,
-                f"best_validation_{model.selection_metric}": history.best_value,
-                "epochs": settings.epochs,
-                "epochs_trained": history.epoch,
-                "stop_reason": history.stop_reason(settings),
-                "train_examples_per_sec": statistics.median(history.examples_per_sec[1:] or history.examples_per_sec),
-                "wall_seconds": time.perf_counter() - started,
-                "startup_seconds": record.get("startup_seconds"),
-                "devices": device_names,
-                "dgm_version": dgm_cli.__version__,
-            }
-            if hasattr(model, "active_units"):  # of the tested parameters, on the validation set
-                summary["active_units"] = steps.active_units(model, state, devices.put(data.batches()["validation"]),
-                                                             keys.diagnostics)
-            if data.true_test_nll is not None:
-                summary["true_test_nll"] = data.true_test_nll
-            tracker.finish(summary, pictures, history.epoch * steps_per_epoch)
-            if primary:
-                write_json_atomically(run_dir / "summary.json", summary)
+                return finish(setup, state, history, checkpoints, metrics_log, tracker, run_dir, record, started)
+
+
+def finish(setup: Setup, state, history: History, checkpoints: Checkpoints, metrics_log: MetricsLog, tracker,
+           run_dir: Path, record: dict, started: float, extra: dict | None = None) -> dict:
+    """After the last epoch: test the best epoch's parameters, save the pictures, and write
+    `summary.json` (with `extra`'s entries), last. -> the summary."""
+    model, settings, data, devices, keys, cfg = (setup.model, setup.settings, setup.data, setup.devices, setup.keys,
+                                                 setup.cfg)
+    primary = jax.process_index() == 0
+    steps_per_epoch = setup.steps_per_epoch
+    state = checkpoints.restore(history.best_epoch, like=state)
+    test_data = test_images(data.batches()["test"], settings)
+    test, evaluation, per_image = test_evaluation(model, state, test_data, cfg.seed,
+                                                  history.best_epoch, settings, devices, "dgm train")
+    metrics_log.write("test", history.best_epoch, history.best_epoch * steps_per_epoch,
+                      {name: value for name, value in test.items() if isinstance(value, float)})
+    annealed = None  # eval.method=ais: its record, beside the headline's
+    if settings.ais:
+        annealed, annealed_per_image = ais_evaluation(model, state, test_data, cfg.seed,
+                                                      history.best_epoch, settings, devices, "dgm train")
+    if primary:
+        evaluation = metrics.append_evaluation(run_dir, evaluation, per_image)
+        if annealed:
+            annealed = metrics.append_evaluation(run_dir, annealed, annealed_per_image)
+    pictures = save_pictures(model, state, data.test, data.image_shape, keys, settings.num_pictures, run_dir,
+                             primary)
+    summary = {
+        "model": cfg.model.name,
+        "dataset": cfg.dataset.name,
+        **metrics.headline_figures(evaluation),
+        **(metrics.annealed_figures(annealed) if annealed else {}),
+        "best_epoch": history.best_epoch,
+        f"best_validation_{model.selection_metric}": history.best_value,
+        "epochs": settings.epochs,
+        "epochs_trained": history.epoch,
+        "stop_reason": history.stop_reason(settings),
+        "train_examples_per_sec": statistics.median(history.examples_per_sec[1:] or history.examples_per_sec),
+        "wall_seconds": time.perf_counter() - started,
+        "startup_seconds": record.get("startup_seconds"),
+        "devices": describe_devices(devices),
+        "dgm_version": dgm_cli.__version__,
+        **(extra or {}),
+    }
+    if hasattr(model, "active_units"):  # of the tested parameters, on the validation set
+        summary["active_units"] = steps.active_units(model, state, devices.put(data.batches()["validation"]),
+                                                     keys.diagnostics)
+    if data.true_test_nll is not None:
+        summary["true_test_nll"] = data.true_test_nll
+    tracker.finish(summary, pictures, history.epoch * steps_per_epoch)
+    if primary:
+        write_json_atomically(run_dir / "summary.json", summary)
     log.info("test NLL %s%s, test neg-ELBO %.2f, best epoch %d; run directory %s",
              describe_test(test, evaluation["num_samples"]), f", {describe_ais(annealed)}" if annealed else "",
              test["neg_elbo"], history.best_epoch, run_dir)

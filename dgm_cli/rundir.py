@@ -77,10 +77,11 @@ def with_current_defaults(cfg):
 
 def training_config(cfg) -> dict:
     """What must not change when a run goes on: its resolved config, less what only says where
-    and how it runs (the progress bar, the cache, the hosts of a multi-host run, the tracker) and what it
-    measures on the side (the gradient diagnostics, which draw on keys of their own)."""
+    and how it runs (the progress bar, the cache, the hosts of a multi-host run, the tracker, the packing
+    of a sweep's jobs) and what it measures on the side (the gradient diagnostics, which draw on keys of
+    their own)."""
     config = OmegaConf.to_container(cfg, resolve=True)
-    for name in ("progress", "diagnostics_every", "diagnostics_estimates"):
+    for name in ("progress", "diagnostics_every", "diagnostics_estimates", "pack_size"):
         config["trainer"].pop(name, None)
     config.pop("cache_dir", None)
     config.pop("distributed", None)

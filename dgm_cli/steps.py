@@ -7,6 +7,7 @@ between steps.
 """
 
 import contextlib
+import contextvars
 import functools
 import logging
 import math
@@ -267,7 +268,9 @@ def compiling(what: str):
     cache = jax.config.jax_compilation_cache_dir
     where = (f"once: JAX's cache in {cache} keeps it, and later runs of these shapes start in seconds" if cache
              else "cache_dir=null, so every run compiles its programs afresh")
-    notice = threading.Timer(COMPILE_NOTICE_SECONDS, log.info, [f"compiling {what} for these shapes ({where})"])
+    # In the caller's context, so that a packed job's notice goes to its own log (`dgm_cli.packing`).
+    notice = threading.Timer(COMPILE_NOTICE_SECONDS, contextvars.copy_context().run,
+                             [log.info, f"compiling {what} for these shapes ({where})"])
     notice.daemon = True
     notice.start()
     try:

@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 
 from dgm_cli import annealing, nets, objectives
-from dgm_cli.errors import DgmError, choice, positive_int, positive_ints
+from dgm_cli.errors import DgmError, choice, per_job, positive_int, positive_ints
 from dgm_cli.optim import apply_gradients
 
 ACTIVE_UNIT_THRESHOLD = 1e-2  # Burda et al.: a unit is active when Cov_x(E_q[z_u]) exceeds it
@@ -128,9 +128,12 @@ class VAE:
         self.vamp = choice(config.prior, {"standard": False, "vamp": True}, "model.prior")
         self.num_pseudo_inputs = positive_int(config.num_pseudo_inputs, "model.num_pseudo_inputs") if self.vamp else 0
         warmup = config.kl_warmup_epochs
-        if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or warmup < 0:
+        if not per_job(warmup) and (isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or warmup < 0):
             raise DgmError(f"model.kl_warmup_epochs must be a non-negative number of epochs, got {warmup!r}")
-        self.warmup_steps = warmup * make_optimizer.steps_per_epoch if warmup else 0
+        # A packed group's per-job warm-ups are all positive: zero, which removes the warm-up's
+        # step count from the state, packs only with zero (`dgm_cli.packing`).
+        self.warms_up = per_job(warmup) or warmup > 0
+        self.warmup_steps = warmup * make_optimizer.steps_per_epoch
         free_bits = config.free_bits
         if isinstance(free_bits, bool) or not isinstance(free_bits, (int, float)) or free_bits < 0:
             raise DgmError(f"model.free_bits must be a non-negative number of nats per layer, got {free_bits!r}")
@@ -144,7 +147,7 @@ class VAE:
         networks = Networks(self.data_dim, self.hidden, self.latent_dims, self.activation, self.num_pseudo_inputs,
                             rngs=nnx.Rngs(key))
         return State(networks, self.optimizer.init(networks),
-                     jnp.zeros((), jnp.int32) if self.warmup_steps else None)
+                     jnp.zeros((), jnp.int32) if self.warms_up else None)
 
     # The prior and the pieces of the two models.
 
@@ -222,7 +225,7 @@ class VAE:
     def _objective(self, draw: Draw, metrics, kl_weight):
         """The batch's training loss: the negated bound, with the KL terms weighed by `kl_weight`
         and floored by the free bits when those are on."""
-        if not self.warmup_steps and not self.free_bits:
+        if not self.warms_up and not self.free_bits:
             return jnp.mean(metrics["loss"])
         if self.num_samples > 1:
             return -jnp.mean(objectives.log_mean_exp(self._log_weights(draw, kl_weight)))
