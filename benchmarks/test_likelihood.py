@@ -30,9 +30,10 @@ from dgm_cli import runtime, steps
 from dgm_cli.loop import Settings, build_model
 
 
-def reference_log_likelihood(layers, num_samples: int, sample_batch: int):
-    """Plain JAX: (x [N, D] uint8, key) -> [N] log (1/k) Σ_i p(x, z_i) / q(z_i | x)."""
-    encoder, decoder = layers
+def reference_log_likelihood(num_samples: int, sample_batch: int):
+    """Plain JAX: (layers, x [N, D] uint8, key) -> [N] log (1/k) Σ_i p(x, z_i) / q(z_i | x), the
+    layers ([(kernel, bias)] of the encoder and of the decoder) an argument, as dgm's state is:
+    weights closed over would be constants, which XLA may lay out ahead for its matmuls."""
     chunk = min(sample_batch, num_samples)
     batch = max(1, sample_batch // chunk)
     chunks = -(-num_samples // chunk)
@@ -43,7 +44,7 @@ def reference_log_likelihood(layers, num_samples: int, sample_batch: int):
         kernel, bias = params[-1]
         return h @ kernel + bias
 
-    def log_sum_weights(x, key, size):  # x [B, D] -> [B] log Σ_i w_i over `size` samples
+    def log_sum_weights(encoder, decoder, x, key, size):  # x [B, D] -> [B] log Σ_i w_i over `size` samples
         mean, log_var = jnp.split(mlp(encoder, x), 2, axis=-1)
         eps = jax.random.normal(key, (size, *mean.shape))
         z = mean + jnp.exp(0.5 * log_var) * eps
@@ -54,7 +55,8 @@ def reference_log_likelihood(layers, num_samples: int, sample_batch: int):
         return jax.nn.logsumexp(log_px_z + log_pz - log_qz, axis=0)
 
     @jax.jit
-    def log_likelihood(x, key):
+    def log_likelihood(layers, x, key):
+        encoder, decoder = layers
         size = x.shape[0]
         padded = -(-size // batch) * batch
         x = jnp.pad(x, [(0, padded - size), (0, 0)]).astype(jnp.float32).reshape(-1, batch, x.shape[1])
@@ -64,7 +66,8 @@ def reference_log_likelihood(layers, num_samples: int, sample_batch: int):
             total = jnp.full(x.shape[0], -jnp.inf)
             for index in range(chunks):  # a handful of chunks: unrolled
                 size = min(chunk, num_samples - index * chunk)
-                total = jnp.logaddexp(total, log_sum_weights(x, jax.random.fold_in(key, index), size))
+                total = jnp.logaddexp(total, log_sum_weights(encoder, decoder, x, jax.random.fold_in(key, index),
+                                                             size))
             return total - math.log(num_samples)
 
         return jax.lax.map(one_batch, (x, jax.random.split(key, x.shape[0]))).reshape(-1)[:size]
@@ -109,10 +112,10 @@ def main() -> None:
     dgm_seconds, dgm_values = timed(lambda: steps.log_likelihoods(
         model, state, data.test, key, args.num_samples, args.sample_batch, devices, progress=False)["log_p"],
         args.repeats)
-    reference = reference_log_likelihood((layer_arrays(state.nets.encoder), layer_arrays(state.nets.decoder)),
-                                         args.num_samples, args.sample_batch)
+    reference = reference_log_likelihood(args.num_samples, args.sample_batch)
+    layers = jax.device_put((layer_arrays(state.nets.encoder), layer_arrays(state.nets.decoder)))
     test_images = jnp.asarray(data.test)
-    reference_seconds, reference_values = timed(lambda: np.asarray(reference(test_images, key)), args.repeats)
+    reference_seconds, reference_values = timed(lambda: np.asarray(reference(layers, test_images, key)), args.repeats)
     print(json.dumps({
         "device": jax.devices()[0].device_kind, "num_samples": args.num_samples, "test_images": len(data.test),
         "reference_seconds": round(reference_seconds, 3), "dgm_seconds": round(dgm_seconds, 3),

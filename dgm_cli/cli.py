@@ -166,8 +166,14 @@ def train_group(jobs: list) -> list[float | None]:
         if not training:
             return values
         run_dirs = [Path(jobs[index][1].runtime.output_dir) for index in training]
-        _in_progress[:] = [(run_dirs[0], Path(jobs[0][1].sweep.dir))]
-        outcomes = packing.train([jobs[index][0] for index in training], run_dirs, jobs[0][1].job_logging)
+        hydra_cfg = jobs[0][1]
+        goes_on = hydra_cfg.sweeper._target_.endswith(".BasicSweeper")  # as for a job alone: see _train_job
+        _in_progress[:] = [(run_dirs[0], Path(hydra_cfg.sweep.dir) if goes_on else None)]
+        try:
+            outcomes = packing.train([jobs[index][0] for index in training], run_dirs, hydra_cfg.job_logging)
+        except Exception as error:  # a fault of the group's own program: every job of it failed
+            log.error("the packed group failed: %s", one_line(error))
+            outcomes = [error] * len(training)
         _in_progress.clear()
         for index, run_dir, outcome in zip(training, run_dirs, outcomes):
             if isinstance(outcome, Exception):
@@ -501,7 +507,8 @@ def _usage() -> str:
 
 # The config groups whose options come with a Hydra plugin, and the extra of dgm that installs it.
 PLUGINS = {"hydra/sweeper/optuna": "optuna", "hydra/launcher/submitit_local": "slurm",
-           "hydra/launcher/submitit_slurm": "slurm"}
+           "hydra/launcher/submitit_slurm": "slurm", "hydra/launcher/packed_submitit_local": "slurm",
+           "hydra/launcher/packed_submitit_slurm": "slurm"}
 
 
 def one_line(error: Exception) -> str:

@@ -466,6 +466,7 @@ def run(cfg, run_dir: Path) -> dict:
     primary = jax.process_index() == 0  # of several hosts, one writes the run's files
     run_dir.mkdir(parents=True, exist_ok=True)
     splits = devices.put({split: data.batches()[split] for split in ("train", "validation")})  # test: later
+    splits["train"] = steps.resident_train_split(splits["train"], settings.batch_size, data.dynamic)
     record = setup.record()
     with Checkpoints(run_dir / "checkpoints") as checkpoints:
         state, history = start(setup, checkpoints, record)

@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 
 from dgm_cli import loop, steps, trackers
 from dgm_cli.checkpoints import Checkpoints
+from dgm_cli.errors import positive_int
 from dgm_cli.metrics import MetricsLog
 from dgm_cli.rundir import training_config, with_current_defaults
 
@@ -65,7 +66,7 @@ def groups(configs: list) -> list[list[int]]:
     alone = []
     for index, cfg in enumerate(configs):
         key = group_key(cfg)
-        if key is None or cfg.trainer.pack_size <= 1:
+        if key is None or positive_int(cfg.trainer.pack_size, "trainer.pack_size") == 1:
             alone.append([index])
             continue
         chunks = found.setdefault(key, [[]])
@@ -240,6 +241,7 @@ def train(configs: list, run_dirs: list[Path], logging_config) -> list:
             return [outcomes[index] for index in range(len(configs))]
         first = jobs[0].setup
         splits = first.devices.put({split: data.batches()[split] for split in ("train", "validation")})
+        splits["train"] = steps.resident_train_split(splits["train"], first.settings.batch_size, data.dynamic)
         states = []
         for job in jobs:
             with _as_job(job.index):

@@ -46,19 +46,29 @@ def make_train_epoch(model, batch_size: int, devices, dynamic: bool = False):
         size = data["x"].shape[0]
         steps = size // batch_size  # the remainder sits out this epoch, not the next
         order_key, step_key = jax.random.split(key)
-        order = jax.random.permutation(order_key, size)[: steps * batch_size]
+        # One step over the whole set (full-batch EM) reads it as it lies: its order is immaterial.
+        order = None if batch_size == size else jax.random.permutation(order_key, size)[: steps * batch_size]
 
         def step(state, inputs):
             indices, key = inputs
-            batch = devices.spread(jax.tree.map(lambda array: array[indices], data))
+            batch = devices.spread(data if indices is None else jax.tree.map(lambda array: array[indices], data))
             if dynamic:  # the draw's key is folded from the step's, which the model keeps
                 batch = {**batch, "x": draw_pixels(batch["x"], jax.random.fold_in(key, DRAW))}
             return model.train_step(state, _float_pixels(batch), key)
 
-        inputs = (order.reshape(steps, batch_size), jax.random.split(step_key, steps))
-        return jax.lax.scan(step, state, inputs)
+        indices = None if order is None else order.reshape(steps, batch_size)
+        return jax.lax.scan(step, state, (indices, jax.random.split(step_key, steps)))
 
     return train_epoch
+
+
+def resident_train_split(train: dict, batch_size: int, dynamic: bool) -> dict:
+    """The train split as the device keeps it for `make_train_epoch`: uint8, or, when one batch
+    is the whole set of fixed pixels (full-batch EM), float32, converted once rather than in
+    every epoch: that batch's float copy would be made anyway, so the peak memory is the same."""
+    if dynamic or batch_size != train["x"].shape[0]:
+        return train
+    return {**train, "x": train["x"].astype(jnp.float32)}
 
 
 def batched(array, batch_size: int):

@@ -121,6 +121,12 @@ def test_the_packed_launcher_leaves_runs_that_report_resume_and_rerun_as_any(tmp
     for run in runs:  # job 1 trained again packed with job 2 alone: equal to float tolerance
         assert_same_metrics(run, before[run])
 
+    (runs[3] / "summary.json").unlink()  # one job of the group resumed alone, by name
+    resumed = dgm("train", "resume=sweep/3", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from the checkpoint of epoch 5" in (runs[3] / "train.log").read_text()
+    assert json.loads((runs[3] / "summary.json").read_text())["test_nll"] == summaries[3]["test_nll"]
+
     rerun = dgm("rerun", "sweep/3", "hydra.run.dir=alone", cwd=tmp_path)  # alone, as any run
     assert rerun.returncode == 0, rerun.stderr
     assert "packed_jobs" not in json.loads((tmp_path / "alone" / "summary.json").read_text())
