@@ -133,7 +133,7 @@ class VAE:
         # A packed group's per-job warm-ups are all positive: zero, which removes the warm-up's
         # step count from the state, packs only with zero (`dgm_cli.packing`).
         self.warms_up = per_job(warmup) or warmup > 0
-        self.warmup_steps = warmup * make_optimizer.steps_per_epoch
+        self.warmup_steps = warmup * make_optimizer.steps_per_epoch if self.warms_up else 0
         free_bits = config.free_bits
         if isinstance(free_bits, bool) or not isinstance(free_bits, (int, float)) or free_bits < 0:
             raise DgmError(f"model.free_bits must be a non-negative number of nats per layer, got {free_bits!r}")
