@@ -153,6 +153,7 @@ class _Job:
     lane: int  # in the stacked states: among the jobs that set up
     setup: loop.Setup
     run_dir: Path
+    resources: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)
     checkpoints: Checkpoints | None = None
     metrics_log: MetricsLog | None = None
     tracker: object = None
@@ -163,6 +164,13 @@ class _Job:
     @property
     def training(self) -> bool:
         return self.outcome is None
+
+    def fail(self, error: Exception):
+        """End this job, not the group's others: its tracker closes as failed, its checkpoints
+        and metrics as a sequential run's would on the same error."""
+        log.error("this job failed: %s", error)
+        self.outcome = error
+        self.resources.__exit__(type(error), error, error.__traceback__)
 
 
 def _per_job_numbers(setups: list[loop.Setup]) -> dict[str, np.ndarray]:
@@ -245,7 +253,8 @@ def train(configs: list, run_dirs: list[Path], logging_config) -> list:
         states = []
         for job in jobs:
             with _as_job(job.index):
-                job.checkpoints = stack.enter_context(Checkpoints(job.run_dir / "checkpoints"))
+                stack.enter_context(job.resources)  # closed with the group, unless the job fails first
+                job.checkpoints = job.resources.enter_context(Checkpoints(job.run_dir / "checkpoints"))
                 job.record = job.setup.record()
                 state, job.history = loop.start(job.setup, job.checkpoints, job.record)
                 states.append(state)
@@ -262,8 +271,8 @@ def train(configs: list, run_dirs: list[Path], logging_config) -> list:
         for job in jobs:
             job.record["startup_seconds"] = time.time() - started_at
             steps_so_far = job.history.epoch * job.setup.steps_per_epoch
-            job.tracker = stack.enter_context(trackers.tracking(job.setup.cfg, job.run_dir, steps_so_far, True))
-            job.metrics_log = stack.enter_context(MetricsLog(job.run_dir, job.history.epoch, True, job.tracker))
+            job.tracker = job.resources.enter_context(trackers.tracking(job.setup.cfg, job.run_dir, steps_so_far, True))
+            job.metrics_log = job.resources.enter_context(MetricsLog(job.run_dir, job.history.epoch, True, job.tracker))
         states = _train_epochs(jobs, train_group, evaluate_group, states, splits, numbers)
         for job in jobs:
             if job.training:
@@ -274,8 +283,7 @@ def train(configs: list, run_dirs: list[Path], logging_config) -> list:
                                                   job.metrics_log, job.tracker, job.run_dir, job.record, started,
                                                   {"packed_jobs": len(jobs)})
                     except Exception as error:  # this job's failure, not the group's
-                        log.error("this job failed: %s", error)
-                        job.outcome = error
+                        job.fail(error)
         outcomes.update({job.index: job.outcome for job in jobs})
         return [outcomes[index] for index in range(len(configs))]
 
@@ -321,8 +329,7 @@ def _train_epochs(jobs: list[_Job], train_group, evaluate_group, states, splits,
                                       _job_of(validation, job.lane), state, job.history, setup.settings,
                                       job.checkpoints, job.metrics_log, job.record, diagnose)
                 except Exception as error:  # a NaN: this job ends, with its own FAILED
-                    log.error("this job failed: %s", error)
-                    job.outcome = error
+                    job.fail(error)
         values = [job.history.best_value for job, trained in zip(jobs, training) if trained and job.training]
         log.info("epoch %d/%d: %d of %d jobs trained in %.1f s%s", epoch, settings.epochs, sum(training), len(jobs),
                  seconds, f", best validation {jobs[0].setup.model.selection_metric} {min(values):.3f}" if values else "")

@@ -70,8 +70,13 @@ def test_a_packed_job_writes_what_it_would_write_alone(family, make_config, tmp_
 
 
 @pytest.mark.slow
-def test_early_stopping_and_a_divergence_end_their_own_job_only(make_config, tmp_path):
-    shared = ["dataset=digits", *QUICK, "trainer.epochs=4", "optimizer=sgd", "optimizer.lr=1e-2"]
+def test_early_stopping_and_a_divergence_end_their_own_job_only(make_config, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = f"file:{tmp_path / 'mlruns'}"
+    shared = ["dataset=digits", *QUICK, "trainer.epochs=4", "optimizer=sgd", "optimizer.lr=1e-2",
+              "logger=mlflow", f"logger.tracking_uri={store}"]
     jobs = [["seed=0"], ["seed=1", "trainer.patience=1", "trainer.min_delta=1000"], ["seed=2", "optimizer.lr=1e9"]]
     outcomes, packed, alone = train_packed(make_config, tmp_path, jobs, shared)
     assert outcomes[0]["epochs_trained"] == 4
@@ -82,6 +87,10 @@ def test_early_stopping_and_a_divergence_end_their_own_job_only(make_config, tmp
     assert not (packed[2] / "summary.json").exists()
     own = (packed[1] / "train.log").read_text()
     assert "stopped at epoch 2: trainer.patience=1" in own and "training diverged" not in own
+    client = MlflowClient(store)
+    status = {run.data.tags["dgm.run_dir"]: run.info.status
+              for run in client.search_runs([client.get_experiment_by_name("dgm").experiment_id])}
+    assert [status[str(run_dir.absolute())] for run_dir in packed] == ["FINISHED", "FINISHED", "FAILED"]
 
 
 def test_jobs_pack_when_they_differ_only_in_numbers_that_keep_the_program(make_config):
