@@ -248,7 +248,7 @@ def _read_split(builder, split: str, image_key: str, source: str) -> np.ndarray:
 
 
 def _read_cached(path: Path | None, splits: list[str]) -> dict | None:
-    """The decoded images kept in `path`, if it holds exactly `splits`."""
+    """The decoded arrays kept in `path`, if it holds exactly `splits`."""
     if path is None or not path.is_file():
         return None
     try:
@@ -319,17 +319,25 @@ def _first_line(error: Exception) -> str:
 
 def load_digits(config, cache_dir: Path | None) -> Data:
     """scikit-learn's 1797 handwritten digits, 8×8 with intensities 0..16 (binarised as
-    dataset.binarize says: thresholded by default), and their labels 0..9."""
-    from sklearn.datasets import load_digits as sklearn_digits
+    dataset.binarize says: thresholded by default), and their labels 0..9. Kept in `cache_dir`
+    after the first read: importing scikit-learn takes longer than the rest of a short run's start."""
+    import importlib.metadata
 
-    digits = sklearn_digits()
-    images = digits.images / 16.0  # [1797, 8, 8] intensities in [0, 1]
+    cached = cache_dir and Path(cache_dir) / f"digits-scikit-learn-{importlib.metadata.version('scikit-learn')}.npz"
+    digits = _read_cached(cached, ["images", "target"])
+    if digits is None:
+        from sklearn.datasets import load_digits as sklearn_digits
+
+        loaded = sklearn_digits()
+        digits = {"images": loaded.images, "target": loaded.target}
+        _write_cached(cached, digits)
+    images = digits["images"] / 16.0  # [1797, 8, 8] intensities in [0, 1]
     rest, test = _split_off(np.arange(len(images)), positive_int(config.test_size, "dataset.test_size"), config.seed)
     train, validation = _split_off(
         rest, positive_int(config.validation_size, "dataset.validation_size"), config.seed + 1
     )
     indices = {"train": train, "validation": validation, "test": test}
-    labels = {split: digits.target[rows].astype(np.int32) for split, rows in indices.items()}
+    labels = {split: digits["target"][rows].astype(np.int32) for split, rows in indices.items()}
     if config.get("binarize", "threshold") == "threshold" and config.threshold > 1:
         # Saved before dgm read the digits as intensities: thresholded, in their units 0..16.
         config = OmegaConf.create({**OmegaConf.to_container(config), "binarize": "threshold",

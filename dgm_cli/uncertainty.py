@@ -10,9 +10,16 @@ from each image's first k samples, read off the same draws) and the effective sa
 import math
 
 import numpy as np
-from scipy import stats
 
 CONFIDENCE = 0.95  # of every interval dgm prints
+
+
+def _t_quantile(probability: float, dof: float) -> float:
+    # Imported here: scipy.stats takes most of a second to import, which every `dgm train`
+    # would pay at start-up for figures that only reports print.
+    from scipy import stats
+
+    return float(stats.t.ppf(probability, dof))
 
 
 def standard_error(values) -> float:
@@ -26,7 +33,7 @@ def mean_interval(values) -> tuple[float, float] | None:
     values = np.asarray(values, np.float64)
     if len(values) < 2:
         return None
-    half = stats.t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1) * standard_error(values)
+    half = _t_quantile(0.5 + CONFIDENCE / 2, len(values) - 1) * standard_error(values)
     return float(np.mean(values) - half), float(np.mean(values) + half)
 
 
@@ -41,7 +48,7 @@ def difference_interval(a, b) -> tuple[float, float] | None:
     if va + vb == 0:
         return difference, difference
     dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))  # Welch–Satterthwaite
-    half = stats.t.ppf(0.5 + CONFIDENCE / 2, dof) * math.sqrt(va + vb)
+    half = _t_quantile(0.5 + CONFIDENCE / 2, dof) * math.sqrt(va + vb)
     return difference - half, difference + half
 
 

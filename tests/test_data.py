@@ -127,6 +127,24 @@ def test_digits_are_binary_8x8_and_split_apart():
     assert batches["validation"]["x"].shape == (300, 64) and batches["validation"]["labels"].dtype == np.int32
 
 
+def test_digits_kept_in_the_cache_read_as_scikit_learn_gives_them(tmp_path):
+    config = OmegaConf.create({"name": "digits", "loader": "digits", "binarize": "threshold", "threshold": 0.5,
+                               "validation_size": 300, "test_size": 300, "seed": 0})
+    fresh = data.load(config)
+    first = data.load(config, tmp_path)  # reads scikit-learn's copy and keeps it
+    [kept] = tmp_path.glob("digits-scikit-learn-*.npz")
+    kept_at = kept.stat().st_mtime_ns
+    again = data.load(config, tmp_path)  # from the kept copy, which stays as it was
+    assert kept.stat().st_mtime_ns == kept_at
+    kept.write_bytes(b"damaged")
+    repaired = data.load(config, tmp_path)  # read afresh, and kept again
+    for loaded in (first, again, repaired):
+        for split in ("train", "validation", "test"):
+            np.testing.assert_array_equal(getattr(loaded, split), getattr(fresh, split))
+            np.testing.assert_array_equal(loaded.labels[split], fresh.labels[split])
+    assert kept_at < kept.stat().st_mtime_ns and np.load(kept)["images"].shape == (1797, 8, 8)
+
+
 BARS = dict(size=3, bar_prob=0.3, vertical_prob=0.7)
 
 
