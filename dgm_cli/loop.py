@@ -347,13 +347,15 @@ def save_pictures(model, state, test_images, image_shape, keys: Keys, count: int
                   write: bool) -> dict[str, Path]:
     """Samples, reconstructions and the model's own pictures. On several hosts every process
     takes part in drawing them, and only the one that `write`s saves them. -> {name: PNG path}."""
-    samples_key, reconstruction_key = keys.picture_keys()
     originals = test_images[: max(1, count // 2)]
-    samples, reconstructions, extra = jax.device_get((
-        model.sample(state, samples_key, count),
-        model.reconstruct(state, jnp.asarray(originals, jnp.float32), reconstruction_key),
-        model.extra_pictures(state),
-    ))
+
+    @jax.jit  # one program, which JAX's cache keeps, rather than an op-by-op second of dispatch
+    def draw(state, originals, samples_key, reconstruction_key):
+        return (model.sample(state, samples_key, count), model.reconstruct(state, originals, reconstruction_key),
+                model.extra_pictures(state))
+
+    samples, reconstructions, extra = jax.device_get(
+        draw(state, jnp.asarray(originals, jnp.float32), *keys.picture_keys()))
     if not write:
         return {}
     saved = {name: run_dir / "samples" / f"{name}.png" for name in ("samples", "reconstructions", *extra)}
